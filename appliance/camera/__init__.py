@@ -1,0 +1,1 @@
+"""Camera sources: where frames come from (a replayed folder, a GenICam device)."""

@@ -1,0 +1,194 @@
+"""The appliance configuration: one YAML file, one pydantic model tree.
+
+Every field has a description and bounds; unknown keys are errors (``extra="forbid"``); errors
+name the key path and the YAML line.  Secrets never live here: they come from the environment or
+systemd credentials (see :mod:`appliance.secrets`).  Relative paths are resolved against
+``state_dir``, which itself defaults to ``$STATE_DIRECTORY`` (set by systemd) or ``./var``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from appliance.errors import UserError
+from appliance.yamlio import load_yaml_with_lines, validation_message
+
+Disposition = Literal["pass", "rework", "reject", "hold"]
+DISPOSITIONS: tuple[str, ...] = ("pass", "rework", "reject", "hold")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LineConfig(Strict):
+    line_id: str = Field(default="line-1", min_length=1, max_length=64, description="Production line id.")
+    asset_id: str = Field(default="station-1", min_length=1, max_length=64,
+                          description="The inspection station (asset) on that line.")
+    batch: str | None = Field(default=None, max_length=64,
+                              description="Batch to record until a PLC writes another.")
+
+
+class ReplayConfig(Strict):
+    path: Path = Field(description="A folder of images, or a dataset folder (with labels.csv).")
+    split: Literal["train", "val", "test"] | None = Field(
+        default=None, description="For a dataset folder: replay only this split.")
+    rate_hz: float = Field(default=10.0, gt=0, le=10000, description="Frames per second when free-running.")
+    triggered: bool = Field(default=False, description="Wait for a trigger (PLC or API) for each frame.")
+    loop: bool = Field(default=True, description="Start again at the first image after the last.")
+    shuffle_seed: int | None = Field(default=None, description="Shuffle the order with this seed.")
+
+
+class RoiConfig(Strict):
+    offset_x: int = Field(default=0, ge=0, description="Left edge of the region of interest, pixels.")
+    offset_y: int = Field(default=0, ge=0, description="Top edge of the region of interest, pixels.")
+    width: int = Field(ge=1, le=65535, description="Width of the region of interest, pixels.")
+    height: int = Field(ge=1, le=65535, description="Height of the region of interest, pixels.")
+
+
+class GenICamConfig(Strict):
+    cti: Path = Field(description="Path of the GenTL producer (.cti) to load.")
+    device: str | int = Field(default=0, description="Device serial number, or index in the device list.")
+    pixel_format: str | None = Field(default=None, description="GenICam PixelFormat, e.g. Mono8.")
+    roi: RoiConfig | None = Field(default=None, description="Region of interest; full sensor if absent.")
+    frame_rate: float | None = Field(default=None, gt=0, le=10000,
+                                     description="AcquisitionFrameRate for free-running devices.")
+    triggered: bool = Field(default=False, description="Use TriggerMode=On with TriggerSoftware.")
+    fetch_timeout_s: float = Field(default=2.0, gt=0, le=60, description="Give up on one fetch after this.")
+
+
+class CameraConfig(Strict):
+    view: str = Field(default="top", min_length=1, max_length=64, description="Camera view name.")
+    source: Literal["replay", "genicam"] = Field(default="replay", description="Which frame source.")
+    replay: ReplayConfig | None = Field(default=None, description="Settings of the replay source.")
+    genicam: GenICamConfig | None = Field(default=None, description="Settings of the GenICam source.")
+    queue_size: int = Field(default=8, ge=1, le=1024,
+                            description="Frames waiting for the classifier; newer frames are dropped "
+                                        "(and counted) when it is full.")
+
+    @model_validator(mode="after")
+    def _source_settings_present(self) -> CameraConfig:
+        if getattr(self, self.source) is None:
+            raise ValueError(f"camera.source is '{self.source}' but the '{self.source}' section is missing")
+        return self
+
+
+class ModelConfig(Strict):
+    path: Path | None = Field(
+        default=None,
+        description="A model package folder to serve. If absent, the registry's champion is served.")
+    intra_op_threads: int = Field(default=2, ge=1, le=64, description="onnxruntime threads per inference.")
+    warmup_runs: int = Field(default=3, ge=0, le=100, description="Inferences run at load, before serving.")
+
+
+class Rule(Strict):
+    name: str = Field(min_length=1, max_length=64, description="Recorded with each result it decides.")
+    when: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="head -> the classes that match; a head not named matches any class.")
+    disposition: Literal["pass", "rework", "reject"] = Field(description="What a match means.")
+
+
+class DispositionConfig(Strict):
+    rules: list[Rule] = Field(min_length=1, description="Tried in order; the first match decides.")
+    min_confidence: float = Field(default=0.6, ge=0, le=1,
+                                  description="Below this calibrated confidence a result is held.")
+    class_min_confidence: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="head -> class -> threshold overriding min_confidence.")
+    heads: list[str] | None = Field(
+        default=None, description="Heads whose confidence can hold a part; all heads if absent.")
+    audit_rate: float = Field(default=0.02, ge=0, le=1,
+                              description="Share of confident passes also sent to review (escape rate).")
+
+    @field_validator("class_min_confidence")
+    @classmethod
+    def _thresholds_in_range(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for head, classes in value.items():
+            for name, threshold in classes.items():
+                if not 0 <= threshold <= 1:
+                    raise ValueError(f"{head}.{name}: threshold {threshold} is not within 0..1")
+        return value
+
+
+class RetentionConfig(Strict):
+    """Which images to keep: a share per disposition (1 = all, 0 = none)."""
+
+    pass_: float = Field(default=0.05, ge=0, le=1, alias="pass", description="Share of passes archived.")
+    rework: float = Field(default=1.0, ge=0, le=1, description="Share of reworks archived.")
+    reject: float = Field(default=1.0, ge=0, le=1, description="Share of rejects archived.")
+    hold: float = Field(default=1.0, ge=0, le=1, description="Share of holds archived (review needs them).")
+    max_age_days: int = Field(default=30, ge=1, le=3650, description="Images older than this are deleted.")
+    min_free_mb: int = Field(default=1024, ge=0, description="Stop archiving below this much free disk.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def share(self, disposition: str) -> float:
+        return self.pass_ if disposition == "pass" else float(getattr(self, disposition))
+
+
+class StoreConfig(Strict):
+    path: Path = Field(default=Path("results.duckdb"), description="The DuckDB file (daemon-owned).")
+    archive_dir: Path = Field(default=Path("images"), description="Where retained images are written.")
+    group_commit_ms: float = Field(
+        default=2.0, ge=0, le=1000,
+        description="Results arriving within this window share one commit. Power loss can lose at "
+                    "most this window; results are never published before they are committed.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+
+
+class ApiConfig(Strict):
+    host: str = Field(default="127.0.0.1", description="Listen address of the HTTP API.")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API (0 = any free).")
+
+
+class LoggingConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    format: Literal["console", "json"] = Field(default="console", description="json for journald/Loki.")
+
+
+class AppConfig(Strict):
+    state_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "var")),
+        description="Where the database, images, models and certificates live.")
+    line: LineConfig = Field(default_factory=LineConfig)
+    camera: CameraConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    disposition: DispositionConfig
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, relative ones taken from ``state_dir``."""
+        return path if path.is_absolute() else self.state_dir / path
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+
+def load_config(path: Path | str, overrides: dict | None = None) -> AppConfig:
+    """Load and validate ``path``; raises :class:`UserError` with ``file:line: key: message`` lines."""
+    path = Path(path)
+    data, lines = load_yaml_with_lines(path)
+    if data is None:
+        raise UserError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: the top level must be a mapping of keys, not {type(data).__name__}")
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(validation_message(path, exc, lines)) from exc
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

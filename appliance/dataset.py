@@ -1,0 +1,156 @@
+"""The dataset folder format shared by training, evaluation and the replay camera.
+
+A dataset is a folder with ``labels.csv``: column ``image`` (path relative to the folder), one
+column per head (empty = unknown for that head) and an optional ``split`` column
+(train/val/test).  An optional ``dataset.yaml`` fixes the heads, their class order, ``ordinal``
+for graded heads and ``parent`` for hierarchical ones.  Without it, heads are the non-reserved
+columns and their classes are the sorted distinct values.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import UserError
+from appliance.yamlio import load_yaml_with_lines, validation_message
+
+RESERVED_COLUMNS = frozenset({"image", "split"})
+SPLITS = ("train", "val", "test")
+
+
+class HeadSpec(BaseModel):
+    """One prediction head: its classes in order, and how they relate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Head name; also the labels.csv column and the ONNX output prefix.")
+    classes: list[str] = Field(min_length=2, description="Class names in output order.")
+    ordinal: bool = Field(default=False, description="Classes are ordered grades (e.g. severity).")
+    parent: str | None = Field(
+        default=None, description="Parent head for a hierarchical taxonomy (family -> subtype)."
+    )
+    parent_of: dict[str, str] = Field(
+        default_factory=dict,
+        description="For a child head: each class name -> the parent-head class it belongs to.",
+    )
+
+
+class DatasetSpec(BaseModel):
+    """The contents of ``dataset.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, description="A human name for the dataset.")
+    heads: list[HeadSpec] = Field(min_length=1, description="The heads, in output order.")
+    licence: str | None = Field(default=None, description="Licence of the images and labels.")
+
+
+@dataclass(slots=True)
+class Sample:
+    """One labelled image; ``labels`` maps head -> class name, absent when unknown."""
+
+    image: Path
+    labels: dict[str, str]
+    split: str | None = None
+
+
+@dataclass(slots=True)
+class Dataset:
+    root: Path
+    heads: list[HeadSpec]
+    samples: list[Sample] = field(default_factory=list)
+
+    def head(self, name: str) -> HeadSpec:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    @property
+    def has_splits(self) -> bool:
+        return any(s.split for s in self.samples)
+
+
+def load_dataset(root: Path | str) -> Dataset:
+    """Read a dataset folder; raises :class:`UserError` naming the file, line and column at fault."""
+    root = Path(root)
+    labels_path = root / "labels.csv"
+    if not labels_path.is_file():
+        raise UserError(f"{root}: not a dataset folder (no labels.csv)")
+    with labels_path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    if "image" not in columns:
+        raise UserError(f"{labels_path}: the header has no 'image' column (found: {', '.join(columns)})")
+
+    spec_path = root / "dataset.yaml"
+    if spec_path.is_file():
+        data, lines = load_yaml_with_lines(spec_path)
+        try:
+            heads = DatasetSpec.model_validate(data).heads
+        except ValidationError as exc:
+            raise UserError(validation_message(spec_path, exc, lines)) from exc
+        missing = [h.name for h in heads if h.name not in columns]
+        if missing:
+            raise UserError(f"{labels_path}: dataset.yaml names heads with no column: {', '.join(missing)}")
+    else:
+        heads = []
+        for col in columns:
+            if col in RESERVED_COLUMNS:
+                continue
+            classes = sorted({r[col].strip() for r in rows if r[col] and r[col].strip()})
+            if len(classes) < 2:
+                raise UserError(f"{labels_path}: column '{col}' has fewer than two classes; add dataset.yaml")
+            heads.append(HeadSpec(name=col, classes=classes))
+
+    known = {h.name: set(h.classes) for h in heads}
+    samples: list[Sample] = []
+    for lineno, row in enumerate(rows, start=2):
+        rel = (row.get("image") or "").strip()
+        if not rel:
+            raise UserError(f"{labels_path}:{lineno}: empty 'image' value")
+        labels: dict[str, str] = {}
+        for name, classes in known.items():
+            value = (row.get(name) or "").strip()
+            if not value:
+                continue
+            if value not in classes:
+                raise UserError(
+                    f"{labels_path}:{lineno}: column '{name}' has '{value}', "
+                    f"expected one of {sorted(classes)}"
+                )
+            labels[name] = value
+        split = (row.get("split") or "").strip() or None
+        if split is not None and split not in SPLITS:
+            raise UserError(f"{labels_path}:{lineno}: split '{split}' is not one of {', '.join(SPLITS)}")
+        samples.append(Sample(image=root / rel, labels=labels, split=split))
+    if not samples:
+        raise UserError(f"{labels_path}: no rows")
+    return Dataset(root=root, heads=heads, samples=samples)
+
+
+def write_dataset(root: Path, heads: list[HeadSpec], samples: list[Sample], name: str | None = None,
+                  licence: str | None = None) -> None:
+    """Write ``labels.csv`` and ``dataset.yaml``; image paths are stored relative to ``root``."""
+    from ruamel.yaml import YAML
+
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", *(h.name for h in heads), "split"])
+        for s in samples:
+            rel = s.image.relative_to(root) if s.image.is_absolute() else s.image
+            writer.writerow([rel.as_posix(), *(s.labels.get(h.name, "") for h in heads), s.split or ""])
+    spec = DatasetSpec(name=name, heads=heads, licence=licence)
+    yaml = YAML()
+    yaml.default_flow_style = False
+    with (root / "dataset.yaml").open("w", encoding="utf-8") as fh:
+        yaml.dump(spec.model_dump(exclude_defaults=True), fh)
