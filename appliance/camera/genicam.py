@@ -1,9 +1,10 @@
 """GenICam cameras through a GenTL producer (.cti), driven by harvesters.
 
-Producers are C code that can block or hang, so every driver call of one opening runs in one
-dedicated thread (:class:`_DriverThread`) and the loop only awaits it with a timeout.  A thread that
-does not come back is abandoned (it is a daemon thread) and the source reports itself offline;
-reconnecting means opening again, which starts a fresh thread and a fresh ``Harvester``.
+Producers are C code that can block or hang, so each opening gets its own driver state
+(:class:`_Camera`) and its own thread (:class:`_DriverThread`) that makes every driver call; the
+loop only awaits that thread with a timeout.  A thread that does not come back is abandoned (it is
+a daemon thread) and the source goes offline; reconnecting means opening again, with a fresh thread
+and a fresh ``Harvester``, while anything the old thread still does touches only its old state.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ DRIVER_ERRORS = (genapi.GenericException, gentl.GenericException)
 _VALUE_TYPES = (genapi.IInteger, genapi.IFloat, genapi.IBoolean, genapi.IString, genapi.IEnumeration)
 _POLL_S = 0.05  # one fetch waits this long, then the thread looks for calls (close, trigger)
 _EVENT_WAIT_MS = 20  # one GenTL EventGetData wait inside a fetch; 1 ms (the default) burns CPU
-_OPEN_TIMEOUT_S = 15.0
-_CLOSE_TIMEOUT_S = 5.0
 _QUEUE_MAX = 16  # frames copied out of the driver and not yet taken by frames()
 _MAX_FETCH_ERRORS = 10  # consecutive failed fetches before the source gives up (and goes offline)
 # PFNC name -> (bytes per pixel, channel order giving RGB); only 8-bit formats are converted.
@@ -45,6 +44,22 @@ _LAYOUTS: dict[str, tuple[int, tuple[int, ...]]] = {"Mono8": (1, (0,)), "RGB8": 
 
 class GenICamError(RuntimeError):
     """The producer failed or stopped answering; close and open again to reconnect."""
+
+
+def to_image(data: np.ndarray, width: int, height: int, pixel_format: str) -> np.ndarray:
+    """Own uint8 pixels, H×W or H×W×3 RGB, copied out of a driver buffer (line padding dropped)."""
+    if pixel_format not in _LAYOUTS or data.dtype != np.uint8:
+        supported = ", ".join(_LAYOUTS)
+        raise ValueError(f"pixel format {pixel_format} is not supported; configure one of {supported}")
+    channels, order = _LAYOUTS[pixel_format]
+    flat, row = data.reshape(-1), width * channels
+    if width <= 0 or height <= 0 or flat.size < height * row:
+        raise ValueError(f"{pixel_format} {width}×{height} needs {height * row} bytes; got {flat.size}")
+    stride = flat.size // height
+    rows = flat[: stride * height].reshape(height, stride)[:, :row]
+    if channels == 1:
+        return rows.reshape(height, width).copy()
+    return rows.reshape(height, width, channels)[..., list(order)]  # fancy indexing copies
 
 
 class _DriverThread:
@@ -94,142 +109,45 @@ class _DriverThread:
             return False
 
 
-def to_image(data: np.ndarray, width: int, height: int, pixel_format: str) -> np.ndarray:
-    """Own uint8 pixels, H×W or H×W×3 RGB, copied out of a driver buffer (line padding dropped)."""
-    if pixel_format not in _LAYOUTS or data.dtype != np.uint8:
-        supported = ", ".join(_LAYOUTS)
-        raise ValueError(f"pixel format {pixel_format} is not supported; configure one of {supported}")
-    channels, order = _LAYOUTS[pixel_format]
-    flat, row = data.reshape(-1), width * channels
-    if width <= 0 or height <= 0 or flat.size < height * row:
-        raise ValueError(f"{pixel_format} {width}×{height} needs {height * row} bytes; got {flat.size}")
-    stride = flat.size // height
-    rows = flat[: stride * height].reshape(height, stride)[:, :row]
-    if channels == 1:
-        return rows.reshape(height, width).copy()
-    return rows.reshape(height, width, channels)[..., list(order)]  # fancy indexing copies
+class _Camera:
+    """The driver side of one opening; its methods run only in that opening's driver thread."""
 
-
-def _can(feature: Any, access: str) -> bool:
-    """Whether a feature is readable (``"RO"``) or writable (``"WO"``) now."""
-    mode = feature.node.get_access_mode()
-    return mode in (genapi.EAccessMode.RW, getattr(genapi.EAccessMode, access))
-
-
-class GenICamSource(FrameSource):
-    """Frames from one GenICam device; free-running, or one frame per software trigger."""
-
-    def __init__(self, config: GenICamConfig, camera_view: str) -> None:
-        self.config = config
-        self.camera_view = camera_view
-        self.dropped = 0  # frames thrown away because nobody took them from frames() in time
-        self._thread: _DriverThread | None = None
-        self._frames: asyncio.Queue[Frame | None] = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._failure: str | None = None
-        # Below: touched only by the driver thread (flags are read by the loop too).
-        self._harvester: Harvester | None = None
-        self._ia: Any = None
-        self._serial = ""
+    def __init__(self, config: GenICamConfig, view: str, post: Callable[[Frame | None], None]) -> None:
+        self.config, self.view, self._post = config, view, post
+        self.harvester: Harvester | None = None
+        self.ia: Any = None
+        self.serial = ""
+        self.acquiring = self.stalled = False
+        self.failure: str | None = None
         self._chunk_features: list[str] = []
         self._pending: deque[float] = deque()  # monotonic times of triggers still waiting for a frame
-        self._acquiring = False
-        self._stalled = False
         self._last_frame = 0.0
         self._errors = 0
 
-    @property
-    def online(self) -> bool:
-        return self._thread is not None and self._acquiring and not self._stalled and self._failure is None
-
-    async def open(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("the GenICam source is already open")
-        if not self.config.cti.is_file():
-            raise UserError(f"camera.genicam.cti: the GenTL producer {self.config.cti} does not exist")
-        self._loop = asyncio.get_running_loop()
-        self._frames, self._failure, self.dropped = asyncio.Queue(), None, 0
-        self._thread = _DriverThread(f"genicam-{self.camera_view}", self._fetch_once)
-        try:
-            await self._call(self._open_device, "opening the device", _OPEN_TIMEOUT_S)
-        except BaseException:
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._acquiring = False
-        try:
-            await self._await(thread.submit(self._teardown), "closing the device", _CLOSE_TIMEOUT_S)
-        except GenICamError as exc:
-            log.error("%s; abandoning its thread", exc)
-        thread.stop()
-        _, hung = await asyncio.wait({asyncio.wrap_future(thread.exited)}, timeout=_CLOSE_TIMEOUT_S)
-        if hung:
-            log.error("the GenICam driver thread of %s did not exit; abandoning it", self.camera_view)
-        self._frames.put_nowait(None)
-
-    async def frames(self) -> AsyncIterator[Frame]:
-        while (frame := await self._frames.get()) is not None:
-            yield frame
-        if self._failure is not None:
-            raise GenICamError(self._failure)
-
-    async def trigger(self) -> None:
-        if not self.config.triggered:
-            raise TriggerNotSupported("camera.genicam.triggered is false: the camera runs free")
-        if not self.online:
-            raise GenICamError(f"camera {self.camera_view} is not acquiring; cannot trigger")
-        await self._call(self._execute_trigger, "TriggerSoftware", self.config.fetch_timeout_s + _POLL_S)
-
-    async def _call(self, fn: Callable[[], Any], what: str, timeout: float) -> Any:
-        if self._thread is None:
-            raise GenICamError(f"camera {self.camera_view} is closed")
-        return await self._await(self._thread.submit(fn), what, timeout)
-
-    async def _await(self, future: cf.Future, what: str, timeout: float) -> Any:
-        waiting = asyncio.wrap_future(future)
-        done, _ = await asyncio.wait({waiting}, timeout=timeout)  # never cancels the driver call
-        if not done:
-            self._failure = f"{what} did not return within {timeout:g} s; the GenTL producer seems hung"
-            self._frames.put_nowait(None)  # frames() ends with this failure
-            raise GenICamError(self._failure)
-        return waiting.result()
-
-    # ---- in the driver thread ----
-
-    def _open_device(self) -> None:
-        self._harvester = harvester = Harvester()
-        harvester.add_file(str(self.config.cti))
-        harvester.update()
-        index = self._find_device(list(harvester.device_info_list))
-        self._ia = harvester.create(index)
-        self._ia.timeout_period_on_client_fetch_call = _POLL_S
-        self._ia.timeout_period_on_update_event_data_call = _EVENT_WAIT_MS
-        node_map = self._ia.remote_device.node_map
+    def open(self) -> None:
+        self.harvester = Harvester()
+        self.harvester.add_file(str(self.config.cti))
+        self.harvester.update()
+        self.ia = self.harvester.create(self._find_device(list(self.harvester.device_info_list)))
+        self.ia.timeout_period_on_client_fetch_call = _POLL_S
+        self.ia.timeout_period_on_update_event_data_call = _EVENT_WAIT_MS
+        node_map = self.ia.remote_device.node_map
         self._configure(node_map)
         if node_map.has_node("ChunkModeActive") and node_map.ChunkModeActive.value:
             category = node_map.get_node("ChunkDataControl")
             self._chunk_features = [f.node.name for f in category.features if isinstance(f, _VALUE_TYPES)
                                     and not f.node.name.endswith(("Selector", "Enable", "ModeActive"))]
-        self._pending.clear()
-        self._ia.start()
-        self._acquiring, self._stalled, self._errors = True, False, 0
-        self._last_frame = time.monotonic()
+        self.ia.start()
+        self.acquiring, self._last_frame = True, time.monotonic()
 
     def _find_device(self, infos: list[Any]) -> int:
-        def describe(i: int, info: Any) -> str:
-            serial, vendor, model = (_info(info, key) for key in ("serial_number", "vendor", "model"))
-            return f"#{i} serial {serial!r} ({vendor} {model})"
-
-        wanted = self.config.device
+        wanted, serials = self.config.device, [_info(info, "serial_number") for info in infos]
         for i, info in enumerate(infos):
-            if (i == wanted) if isinstance(wanted, int) else (_info(info, "serial_number") == wanted):
-                self._serial = _info(info, "serial_number") or _info(info, "id_") or str(i)
+            if (i == wanted) if isinstance(wanted, int) else (serials[i] == wanted):
+                self.serial = serials[i] or _info(info, "id_") or str(i)
                 return i
-        found = "; ".join(describe(i, info) for i, info in enumerate(infos)) or (
+        found = "; ".join(f"#{i} serial {serials[i]!r} ({_info(info, 'vendor')} {_info(info, 'model')})"
+                          for i, info in enumerate(infos)) or (
             "none (is the camera connected, the .cti built for this platform, or the producer already "
             "in use by another source in this process?)")
         raise UserError(f"camera.genicam.device: no device {wanted!r} via {self.config.cti}; found: {found}")
@@ -259,32 +177,32 @@ class GenICamSource(FrameSource):
             self._set(node_map, "TriggerMode", "On", "triggered")
             self._set(node_map, "TriggerSource", "Software", "triggered")
             if not node_map.has_node("TriggerSoftware"):
-                raise UserError(f"camera.genicam.triggered: device {self._serial} has no TriggerSoftware")
+                raise UserError(f"camera.genicam.triggered: device {self.serial} has no TriggerSoftware")
         elif node_map.has_node("TriggerMode") and _can(node_map.TriggerMode, "WO"):
             self._set(node_map, "TriggerMode", "Off", "triggered")  # a camera keeps what the last user set
 
     def _set(self, node_map: Any, name: str, value: Any, key: str) -> None:
         if not node_map.has_node(name):
-            raise UserError(f"camera.genicam.{key}: device {self._serial} has no {name} feature")
+            raise UserError(f"camera.genicam.{key}: device {self.serial} has no {name} feature")
         feature = getattr(node_map, name)
         try:
             feature.value = value
         except DRIVER_ERRORS as exc:
             choices = f" (it offers {', '.join(feature.symbolics)})" if hasattr(feature, "symbolics") else ""
             reason = str(exc).split(" : ")[0]
-            raise UserError(f"camera.genicam.{key}: device {self._serial} refused {name} = {value!r}"
+            raise UserError(f"camera.genicam.{key}: device {self.serial} refused {name} = {value!r}"
                             f"{choices}: {reason}") from exc
 
-    def _execute_trigger(self) -> None:
-        self._ia.remote_device.node_map.TriggerSoftware.execute()
+    def trigger(self) -> None:
+        self.ia.remote_device.node_map.TriggerSoftware.execute()
         self._pending.append(time.monotonic())
 
-    def _fetch_once(self) -> bool:
-        """Wait up to one poll for a frame and hand it to the loop; False: nothing to wait for."""
-        if not self._acquiring or (self.config.triggered and not self._pending):
+    def fetch_once(self) -> bool:
+        """Wait up to one poll for a frame and post it; False: nothing to wait for until a call."""
+        if not self.acquiring or (self.config.triggered and not self._pending):
             return False
         try:
-            buffer = self._ia.fetch(timeout=_POLL_S)
+            buffer = self.ia.fetch(timeout=_POLL_S)
         except gentl.TimeoutException:
             self._check_overdue()
             return True
@@ -292,24 +210,24 @@ class GenICamSource(FrameSource):
             log.log(logging.DEBUG if self._errors else logging.WARNING, "GenICam fetch failed: %s", exc,
                     exc_info=not self._errors)
             self._fetch_failed(f"fetch failed: {exc}")
-            return self._acquiring
+            return self.acquiring
         if buffer is None:  # harvesters requeued a buffer it could not read
             self._fetch_failed("the producer delivered a buffer without image information")
             return True
         with buffer:
             frame = self._to_frame(buffer)
-        if self._errors or self._stalled:
-            log.info("GenICam camera %s delivers frames again", self._serial)
-        self._errors, self._stalled, self._last_frame = 0, False, time.monotonic()
+        if self._errors or self.stalled:
+            log.info("GenICam camera %s delivers frames again", self.serial)
+        self._errors, self.stalled, self._last_frame = 0, False, time.monotonic()
         self._deliver(frame)
         return True
 
     def _to_frame(self, buffer: Any) -> Frame:
         frame_id = _info(buffer, "frame_id")
-        meta: dict[str, Any] = {"frame_id": frame_id, "timestamp": buffer.timestamp, "device": self._serial}
-        ref = f"{self._serial}#{frame_id}"
+        meta: dict[str, Any] = {"frame_id": frame_id, "timestamp": buffer.timestamp, "device": self.serial}
+        ref = f"{self.serial}#{frame_id}"
         try:
-            node_map = self._ia.remote_device.node_map  # this buffer's chunk data is attached to it
+            node_map = self.ia.remote_device.node_map  # this buffer's chunk data is attached to it
             features = [getattr(node_map, name) for name in self._chunk_features]
             if chunk := {f.node.name: f.value for f in features if _can(f, "RO")}:
                 meta["chunk"] = chunk
@@ -318,26 +236,26 @@ class GenICamSource(FrameSource):
             image = to_image(component.data, component.width, component.height, component.data_format)
         except (ValueError, IndexError, AttributeError, *DRIVER_ERRORS) as exc:
             return self._error_frame(str(exc), ref, meta)
-        return Frame(image=image, camera_view=self.camera_view, source_ref=ref, meta=meta)
+        return Frame(image=image, camera_view=self.view, source_ref=ref, meta=meta)
 
     def _error_frame(self, error: str, ref: str = "", meta: dict[str, Any] | None = None) -> Frame:
-        return Frame(image=None, camera_view=self.camera_view, source_ref=ref or f"{self._serial}#?",
+        return Frame(image=None, camera_view=self.view, source_ref=ref or f"{self.serial}#?",
                      error=error, meta=meta or {})
 
     def _check_overdue(self) -> None:
         now, limit = time.monotonic(), self.config.fetch_timeout_s
         if self._pending and now - self._pending[0] > limit:
             self._deliver(self._error_frame(f"no frame within {limit:g} s of the trigger"))
-        elif not self.config.triggered and not self._stalled and now - self._last_frame > limit:
-            self._stalled = True
-            log.warning("GenICam camera %s delivered no frame for %g s", self._serial, limit)
+        elif not self.config.triggered and not self.stalled and now - self._last_frame > limit:
+            self.stalled = True
+            log.warning("GenICam camera %s delivered no frame for %g s", self.serial, limit)
 
     def _fetch_failed(self, error: str) -> None:
         self._errors += 1
         self._deliver(self._error_frame(error))
         if self._errors >= _MAX_FETCH_ERRORS:
-            self._acquiring = False
-            self._failure = f"camera {self._serial}: {self._errors} fetches failed in a row; last: {error}"
+            self.acquiring = False
+            self.failure = f"camera {self.serial}: {self._errors} fetches failed in a row; last: {error}"
             self._post(None)
         else:
             time.sleep(_POLL_S)  # a fetch that fails at once must not spin
@@ -347,27 +265,120 @@ class GenICamSource(FrameSource):
             self._pending.popleft()
         self._post(frame)
 
-    def _post(self, item: Frame | None) -> None:
-        def put() -> None:
-            if item is not None and self._frames.qsize() >= _QUEUE_MAX:
-                self.dropped += 1
-            else:
-                self._frames.put_nowait(item)
-
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed; nobody is listening
-                self._loop.call_soon_threadsafe(put)
-
-    def _teardown(self) -> None:
+    def teardown(self) -> None:
         """Undo open in reverse order; every step runs even if an earlier one fails."""
-        self._acquiring = False
-        ia, harvester, self._ia, self._harvester = self._ia, self._harvester, None, None
-        steps = [ia.stop, ia.destroy] if ia is not None else []
-        for step in [*steps, *([harvester.reset] if harvester is not None else [])]:
+        self.acquiring = False
+        ia, harvester, self.ia, self.harvester = self.ia, self.harvester, None, None
+        steps = ([ia.stop, ia.destroy] if ia is not None else []) + ([harvester.reset] if harvester else [])
+        for step in steps:
             try:
                 step()
             except DRIVER_ERRORS as exc:
                 log.warning("GenICam %s failed during close: %s", step.__name__, exc)
+
+
+class GenICamSource(FrameSource):
+    """Frames from one GenICam device; free-running, or one frame per software trigger."""
+
+    open_timeout_s = 15.0  # loading the producer, opening and configuring the device
+    close_timeout_s = 5.0  # stopping and releasing it; after that its thread is abandoned
+
+    def __init__(self, config: GenICamConfig, camera_view: str) -> None:
+        self.config = config
+        self.camera_view = camera_view
+        self.dropped = 0  # frames thrown away because nobody took them from frames() in time
+        self._camera: _Camera | None = None
+        self._thread: _DriverThread | None = None
+        self._frames: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._hung: str | None = None
+
+    @property
+    def online(self) -> bool:
+        camera = self._camera
+        return (self._thread is not None and camera is not None and camera.acquiring
+                and not camera.stalled and self._failure is None)
+
+    @property
+    def _failure(self) -> str | None:
+        return self._hung or (self._camera.failure if self._camera else None)
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the GenICam source is already open")
+        if not self.config.cti.is_file():
+            raise UserError(f"camera.genicam.cti: the GenTL producer {self.config.cti} does not exist "
+                            "(or is not a file)")
+        self._frames, self._hung, self.dropped = asyncio.Queue(), None, 0
+        self._camera = _Camera(self.config, self.camera_view, self._poster(self._frames))
+        self._thread = _DriverThread(f"genicam-{self.camera_view}", self._camera.fetch_once)
+        try:
+            await self._call(self._camera.open, "opening the device", self.open_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        thread, camera, self._thread = self._thread, self._camera, None
+        if thread is None or camera is None:
+            return
+        camera.acquiring = False
+        try:
+            await self._await(thread.submit(camera.teardown), "closing the device", self.close_timeout_s)
+            thread.stop()
+            await self._await(thread.exited, "the driver thread's exit", self.close_timeout_s)
+        except GenICamError as exc:
+            thread.stop()
+            log.error("%s; abandoning the thread of camera %s", exc, self.camera_view)
+        self._frames.put_nowait(None)
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        while (frame := await self._frames.get()) is not None:
+            yield frame
+        if self._failure is not None:
+            raise GenICamError(self._failure)
+
+    async def trigger(self) -> None:
+        if not self.config.triggered:
+            raise TriggerNotSupported("camera.genicam.triggered is false: the camera runs free")
+        if not self.online or self._camera is None:
+            raise GenICamError(f"camera {self.camera_view} is not acquiring; cannot trigger")
+        await self._call(self._camera.trigger, "TriggerSoftware", self.config.fetch_timeout_s + _POLL_S)
+
+    async def _call(self, fn: Callable[[], Any], what: str, timeout: float) -> Any:
+        if self._thread is None:
+            raise GenICamError(f"camera {self.camera_view} is closed")
+        return await self._await(self._thread.submit(fn), what, timeout)
+
+    async def _await(self, future: cf.Future, what: str, timeout: float) -> Any:
+        waiting = asyncio.wrap_future(future)
+        done, _ = await asyncio.wait({waiting}, timeout=timeout)  # never cancels the driver call
+        if not done:
+            self._hung = f"{what} did not return within {timeout:g} s; the GenTL producer seems hung"
+            self._frames.put_nowait(None)  # frames() ends with this failure
+            raise GenICamError(self._hung)
+        return waiting.result()
+
+    def _poster(self, frames: asyncio.Queue[Frame | None]) -> Callable[[Frame | None], None]:
+        """How the driver thread hands frames to this opening's queue (never a later opening's)."""
+        loop = asyncio.get_running_loop()
+
+        def put(item: Frame | None) -> None:
+            if item is not None and frames.qsize() >= _QUEUE_MAX:
+                self.dropped += 1
+            else:
+                frames.put_nowait(item)
+
+        def post(item: Frame | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed; nobody is listening
+                loop.call_soon_threadsafe(put, item)
+
+        return post
+
+
+def _can(feature: Any, access: str) -> bool:
+    """Whether a feature is readable (``"RO"``) or writable (``"WO"``) now."""
+    mode = feature.node.get_access_mode()
+    return mode in (genapi.EAccessMode.RW, getattr(genapi.EAccessMode, access))
 
 
 def _info(obj: Any, name: str) -> Any:

@@ -8,6 +8,8 @@ mono devices deliver Mono8 and colour devices RGB8 whatever PixelFormat says.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from appliance.camera.base import Frame, TriggerNotSupported
-from appliance.camera.genicam import GenICamSource, to_image
+from appliance.camera.genicam import GenICamError, GenICamSource, to_image
 from appliance.config import GenICamConfig, RoiConfig
 from appliance.errors import UserError
 from tests.genicam_producers import VIKY_CTI, ProducerUnavailable, tlsimu_cti
@@ -75,6 +77,13 @@ async def test_pixel_format_and_roi_are_applied(pixel_format: str, shape: tuple[
     assert all(f.meta["pixel_format"] == pixel_format and f.source_ref.startswith("2#") for f in frames)
 
 
+async def test_frame_rate_is_applied() -> None:
+    async with viky(frame_rate=200.0) as source:  # viky runs at 20 fps unless told otherwise
+        frames = await take(source, 11)
+    elapsed_s = (frames[-1].acquired_ns - frames[0].acquired_ns) / 1e9
+    assert elapsed_s < 0.3, f"10 frame intervals took {elapsed_s:.3f} s; 200 fps needs 0.05 s, 20 fps 0.5 s"
+
+
 async def test_a_missing_device_names_the_devices_found() -> None:
     for device in ("no-such-serial", 7):
         with pytest.raises(UserError, match=r"camera\.genicam\.device") as caught:
@@ -87,6 +96,10 @@ async def test_a_missing_cti_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"camera.genicam.cti: .*nope.cti does not exist"):
         await source.open()
     assert not source.online
+    (tmp_path / "garbage.cti").write_bytes(b"not a shared library")
+    source = GenICamSource(GenICamConfig(cti=tmp_path / "garbage.cti"), camera_view="top")
+    with pytest.raises(UserError, match=r"no device 0 via .*garbage.cti; found: none \(is the camera"):
+        await source.open()
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -156,6 +169,37 @@ async def test_close_is_idempotent_and_the_source_reopens() -> None:
         assert source.online
     assert not source.online
     assert all(f.image is not None for f in first + again)
+
+
+async def test_a_hung_driver_call_never_blocks_the_loop_and_close_is_bounded() -> None:
+    source = viky()
+    source.close_timeout_s = 0.5
+    await source.open()
+    thread = source._thread
+    assert thread is not None
+    release = threading.Event()
+    thread.submit(release.wait)  # as if the producer hung inside a C call
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    started = time.monotonic()
+    await source.close()
+    elapsed = time.monotonic() - started
+    ticker.cancel()
+    assert elapsed < 1.5 and ticks >= 20  # the loop kept running while close waited
+    assert not source.online
+    with pytest.raises(GenICamError, match="seems hung"):
+        await asyncio.wait_for(drain(source.frames()), 1.0)
+    release.set()  # the old thread then finishes its teardown and releases the producer
+    await asyncio.wait_for(asyncio.wrap_future(thread.exited), 5.0)
+    async with source:
+        assert len(await take(source, 1)) == 1
 
 
 def test_conversion_to_rgb_drops_alpha_swaps_bgr_and_line_padding() -> None:
