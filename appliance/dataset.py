@@ -111,21 +111,21 @@ def load_dataset(root: Path | str) -> Dataset:
                 raise UserError(f"{labels_path}: column '{col}' has fewer than two classes; add dataset.yaml")
             heads.append(HeadSpec(name=col, classes=classes))
 
-    known = {h.name: set(h.classes) for h in heads}
+    known: dict[str, set[str]] = {h.name: set(h.classes) for h in heads}
     samples: list[Sample] = []
     for lineno, row in enumerate(rows, start=2):
         rel = (row.get("image") or "").strip()
         if not rel:
             raise UserError(f"{labels_path}:{lineno}: empty 'image' value")
         labels: dict[str, str] = {}
-        for name, classes in known.items():
+        for name, allowed in known.items():
             value = (row.get(name) or "").strip()
             if not value:
                 continue
-            if value not in classes:
+            if value not in allowed:
                 raise UserError(
                     f"{labels_path}:{lineno}: column '{name}' has '{value}', "
-                    f"expected one of {sorted(classes)}"
+                    f"expected one of {sorted(allowed)}"
                 )
             labels[name] = value
         split = (row.get("split") or "").strip() or None

@@ -26,10 +26,11 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
                 arr = np.asarray(im, dtype=np.float32)
                 top = float(arr.max()) or 1.0
                 return (arr * (255.0 / top)).round().astype(np.uint8)
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA") else "L")
-            im.load()
-            return np.asarray(im, dtype=np.uint8)
+            if im.mode in ("L", "RGB"):
+                im.load()
+                return np.asarray(im, dtype=np.uint8)
+            colour = im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA", "RGBX")
+            return np.asarray(im.convert("RGB" if colour else "L"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{name}: not a readable image ({exc})") from exc
 

@@ -48,7 +48,7 @@ class Classifier:
             self._session = ort.InferenceSession(
                 str(self.package_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
             )
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
             raise ModelRejected(f"{self.package_dir}: onnxruntime cannot load the model: {exc}") from exc
         self._check_contract()
         self._outputs = [output_name(h.name) for h in self.card.heads]
@@ -88,7 +88,7 @@ class Classifier:
                                                                               spec.channels)
         try:
             results = self._session.run(self._outputs, {INPUT_NAME: np.zeros(shape, np.uint8)})
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
             raise ModelRejected(f"{self.package_dir}: the model fails on a blank image: {exc}") from exc
         for head, probs in zip(self.card.heads, results, strict=True):
             if probs.shape != (1, len(head.classes)) or not np.all(np.isfinite(probs)):

@@ -1,0 +1,70 @@
+"""Model versions in the daemon's state directory, and which one is the champion (served).
+
+Layout: ``<state>/models/<version>/{model.onnx, model.json}`` and ``<state>/models/champion``
+(a one-line text file naming the served version, replaced atomically).  A package is admitted
+only after it loads, passes its checksum and output contract, and runs on a blank image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from appliance.errors import ModelRejected
+from appliance.inference import Classifier
+from appliance.model_package import ModelCard, read_card
+
+CHAMPION_FILE = "champion"
+
+
+class ModelRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, version: str) -> Path:
+        if "/" in version or version.startswith("."):
+            raise ModelRejected(f"invalid model version '{version}'")
+        return self.root / version
+
+    def versions(self) -> list[ModelCard]:
+        """All admitted versions, oldest first; damaged ones are left out."""
+        cards = []
+        for child in sorted(self.root.glob("*/model.json")):
+            try:
+                cards.append(read_card(child.parent))
+            except ModelRejected:
+                continue
+        return sorted(cards, key=lambda c: c.created_at)
+
+    def register(self, package_dir: Path) -> ModelCard:
+        """Check a package fully (load + warm) and copy it in; returns its card."""
+        card = Classifier(package_dir, warmup_runs=1).card
+        target = self.path(card.version)
+        if target.exists():
+            if read_card(target).onnx_sha256 != card.onnx_sha256:
+                raise ModelRejected(f"version {card.version} is already registered with other contents")
+            return card
+        tmp = self.root / f".{card.version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(package_dir, tmp)
+        tmp.rename(target)
+        return card
+
+    def champion(self) -> str | None:
+        try:
+            version = (self.root / CHAMPION_FILE).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def champion_path(self) -> Path | None:
+        version = self.champion()
+        return self.path(version) if version else None
+
+    def set_champion(self, version: str) -> None:
+        read_card(self.path(version))  # refuses a missing or damaged package
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{CHAMPION_FILE}.tmp"
+        tmp.write_text(version + "\n", encoding="utf-8")
+        os.replace(tmp, self.root / CHAMPION_FILE)

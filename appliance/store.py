@@ -1,0 +1,339 @@
+"""The result store: the journal for durability, DuckDB for queries.  Only the daemon opens it.
+
+``await store.append(result)`` returns once the result is on disk (journal fsync); the caller
+publishes only after that.  A background thread ingests journaled results into DuckDB every
+``ingest_interval_s`` in one transaction; queries see results after that delay (or after
+:meth:`Store.flush`).  On open, anything journaled but not yet in DuckDB (a crash) is inserted,
+exactly once: ``results.result_id`` is the primary key and recovery inserts only unknown ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from appliance.errors import UserError
+from appliance.journal import Journal
+from appliance.result import PartResult
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    result_id      VARCHAR PRIMARY KEY,
+    seq            BIGINT NOT NULL,
+    acquired_at    TIMESTAMPTZ NOT NULL,
+    decided_at     TIMESTAMPTZ NOT NULL,
+    line_id        VARCHAR NOT NULL,
+    asset_id       VARCHAR NOT NULL,
+    camera_view    VARCHAR NOT NULL,
+    batch          VARCHAR,
+    part_id        VARCHAR,
+    process_values JSON,
+    model_version  VARCHAR,
+    disposition    VARCHAR NOT NULL,
+    rule           VARCHAR NOT NULL,
+    review         VARCHAR,
+    status         VARCHAR NOT NULL,
+    error          VARCHAR,
+    queue_ms       DOUBLE,
+    inference_ms   DOUBLE,
+    decide_ms      DOUBLE,
+    total_ms       DOUBLE,
+    image_ref      VARCHAR,
+    source_ref     VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    result_id     VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    role          VARCHAR NOT NULL,   -- 'champion' (published) or 'shadow' (stored, never published)
+    head          VARCHAR NOT NULL,
+    label         VARCHAR NOT NULL,
+    confidence    DOUBLE NOT NULL,
+    probs         DOUBLE[] NOT NULL
+);
+"""
+
+RESULT_COLUMNS = (
+    "result_id", "seq", "acquired_at", "decided_at", "line_id", "asset_id", "camera_view", "batch",
+    "part_id", "process_values", "model_version", "disposition", "rule", "review", "status", "error",
+    "queue_ms", "inference_ms", "decide_ms", "total_ms", "image_ref", "source_ref",
+)
+_RESULTS_ARROW = pa.schema([
+    ("result_id", pa.string()), ("seq", pa.int64()),
+    ("acquired_at", pa.timestamp("us", tz="UTC")), ("decided_at", pa.timestamp("us", tz="UTC")),
+    ("line_id", pa.string()), ("asset_id", pa.string()), ("camera_view", pa.string()),
+    ("batch", pa.string()), ("part_id", pa.string()), ("process_values", pa.string()),
+    ("model_version", pa.string()), ("disposition", pa.string()), ("rule", pa.string()),
+    ("review", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("queue_ms", pa.float64()), ("inference_ms", pa.float64()), ("decide_ms", pa.float64()),
+    ("total_ms", pa.float64()), ("image_ref", pa.string()), ("source_ref", pa.string()),
+])
+_PREDICTIONS_ARROW = pa.schema([
+    ("result_id", pa.string()), ("model_version", pa.string()), ("role", pa.string()),
+    ("head", pa.string()), ("label", pa.string()), ("confidence", pa.float64()),
+    ("probs", pa.list_(pa.float64())),
+])
+
+
+@dataclass(slots=True, frozen=True)
+class ResultFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    disposition: str | None = None
+    batch: str | None = None
+    camera_view: str | None = None
+    status: str | None = None
+    review: str | None = None
+    part_id: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+class Store:
+    def __init__(self, db_path: Path, journal_dir: Path, ingest_interval_s: float = 0.25) -> None:
+        self.db_path = db_path
+        self.journal = Journal(journal_dir)
+        self.ingest_interval_s = ingest_interval_s
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._pending: list[PartResult] = []
+        self._pending_lock = threading.Lock()
+        self._ingest_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.next_seq = 1
+        self.ingested_seq = 0
+        self.recovered = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def open(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(str(self.db_path))
+        except duckdb.IOException as exc:
+            raise UserError(
+                f"{self.db_path}: cannot open the result database ({exc}); is another daemon running?"
+            ) from exc
+        self._con.execute("SET TimeZone = 'UTC'")
+        self._con.execute(SCHEMA)
+        self._recover()
+        row = self._con.execute("SELECT coalesce(max(seq), 0) FROM results").fetchone()
+        self.ingested_seq = int(row[0]) if row else 0
+        self.next_seq = self.ingested_seq + 1
+        self.journal.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._ingest_loop, name="store-ingest", daemon=True)
+        self._thread.start()
+
+    def _recover(self) -> None:
+        assert self._con is not None
+        records = self.journal.recover()
+        if records:
+            ids = [r["result_id"] for r in records]
+            known = {
+                row[0] for row in self._con.execute(
+                    "SELECT result_id FROM results WHERE result_id IN (SELECT unnest($ids))", {"ids": ids}
+                ).fetchall()
+            }
+            missing = [PartResult.from_dict(r) for r in records if r["result_id"] not in known]
+            if missing:
+                self._insert(self._con, missing)
+            self.recovered = len(missing)
+            log.info("journal recovery: %d records, %d were not yet in DuckDB", len(records), len(missing))
+        self.journal.discard_recovered()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.journal.close()
+        self.flush()
+        if self._con is not None:
+            with self._pending_lock:
+                clean = not self._pending
+            if clean:
+                self.journal.discard_recovered()
+            self._con.close()
+            self._con = None
+
+    # -- writing ---------------------------------------------------------------------------------
+    async def append(self, result: PartResult) -> None:
+        """Assign the next sequence number and return once the result is durable."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        result.seq = self.next_seq
+        self.next_seq += 1
+
+        def on_disk(error: BaseException | None) -> None:
+            if error is None:
+                with self._pending_lock:
+                    self._pending.append(result)
+            loop.call_soon_threadsafe(_settle, done, error)
+
+        self.journal.append(result.to_dict(), on_disk)
+        await done
+
+    def _ingest_loop(self) -> None:
+        while not self._stop.wait(self.ingest_interval_s):
+            try:
+                self.flush()
+            except duckdb.Error:
+                log.exception("DuckDB ingest failed; results stay in the journal and are retried")
+
+    def flush(self) -> None:
+        """Ingest everything journaled so far into DuckDB now."""
+        if self._con is None:
+            return
+        with self._ingest_lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            cur = self._con.cursor()
+            try:
+                self._insert(cur, batch)
+            except duckdb.Error:
+                with self._pending_lock:
+                    self._pending = batch + self._pending
+                raise
+            finally:
+                cur.close()
+            self.ingested_seq = max(self.ingested_seq, batch[-1].seq)
+            self.journal.release_sealed(self.ingested_seq)
+
+    @staticmethod
+    def _insert(con: duckdb.DuckDBPyConnection, batch: Sequence[PartResult]) -> None:
+        rows = []
+        preds = []
+        for r in batch:
+            rows.append({
+                "result_id": r.result_id, "seq": r.seq, "acquired_at": r.acquired_at,
+                "decided_at": r.decided_at, "line_id": r.line_id, "asset_id": r.asset_id,
+                "camera_view": r.camera_view, "batch": r.batch, "part_id": r.part_id,
+                "process_values": json.dumps(r.process_values), "model_version": r.model_version,
+                "disposition": r.disposition, "rule": r.rule, "review": r.review, "status": r.status,
+                "error": r.error, "image_ref": r.image_ref, "source_ref": r.source_ref,
+                **{stage: r.latency.get(stage) for stage in ("queue_ms", "inference_ms", "decide_ms",
+                                                             "total_ms")},
+            })
+            for role, version, heads in (("champion", r.model_version, r.predictions),
+                                         ("shadow", r.shadow_version, r.shadow_predictions)):
+                for p in heads:
+                    preds.append({"result_id": r.result_id, "model_version": version, "role": role,
+                                  "head": p.head, "label": p.label, "confidence": p.confidence,
+                                  "probs": p.probs})
+        results_tbl = pa.Table.from_pylist(rows, schema=_RESULTS_ARROW)
+        preds_tbl = pa.Table.from_pylist(preds, schema=_PREDICTIONS_ARROW)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.register("new_results", results_tbl)
+            con.register("new_predictions", preds_tbl)
+            con.execute("INSERT INTO results BY NAME SELECT * FROM new_results")
+            con.execute("INSERT INTO predictions BY NAME SELECT * FROM new_predictions")
+            con.execute("COMMIT")
+        except duckdb.Error:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.unregister("new_results")
+            con.unregister("new_predictions")
+
+    # -- reading (blocking: call from a worker thread) -------------------------------------------
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise RuntimeError("store is not open")
+        cur = self._con.cursor()
+        cur.execute("SET TimeZone = 'UTC'")
+        return cur
+
+    def query(self, f: ResultFilter) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: dict[str, Any] = {}
+        for column, value in (("disposition", f.disposition), ("batch", f.batch),
+                              ("camera_view", f.camera_view), ("status", f.status),
+                              ("review", f.review), ("part_id", f.part_id)):
+            if value is not None:
+                where.append(f"{column} = ${column}")
+                params[column] = value
+        if f.since is not None:
+            where.append("acquired_at >= $since")
+            params["since"] = f.since
+        if f.until is not None:
+            where.append("acquired_at < $until")
+            params["until"] = f.until
+        sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM results"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY seq DESC LIMIT {int(f.limit)} OFFSET {int(f.offset)}"
+        cur = self._cursor()
+        try:
+            fetched = cur.execute(sql, params).fetchall()
+            rows = [dict(zip(RESULT_COLUMNS, row, strict=True)) for row in fetched]
+            self._attach_predictions(cur, rows)
+        finally:
+            cur.close()
+        return rows
+
+    def get(self, result_id: str) -> dict[str, Any] | None:
+        cur = self._cursor()
+        try:
+            row = cur.execute(
+                f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE result_id = ?", [result_id]
+            ).fetchone()
+            if row is None:
+                return None
+            out = [dict(zip(RESULT_COLUMNS, row, strict=True))]
+            self._attach_predictions(cur, out)
+        finally:
+            cur.close()
+        return out[0]
+
+    @staticmethod
+    def _attach_predictions(cur: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
+        by_id = {r["result_id"]: r for r in rows}
+        for r in rows:
+            r["process_values"] = json.loads(r["process_values"]) if r["process_values"] else {}
+            r["predictions"] = []
+            r["shadow_predictions"] = []
+        if not by_id:
+            return
+        preds = cur.execute(
+            "SELECT result_id, role, model_version, head, label, confidence, probs FROM predictions "
+            "WHERE result_id IN (SELECT unnest($ids))", {"ids": list(by_id)}
+        ).fetchall()
+        for result_id, role, version, head, label, confidence, probs in preds:
+            key = "predictions" if role == "champion" else "shadow_predictions"
+            by_id[result_id][key].append(
+                {"head": head, "label": label, "confidence": confidence, "probs": probs,
+                 "model_version": version}
+            )
+
+    def counts(self) -> dict[str, Any]:
+        cur = self._cursor()
+        try:
+            total = cur.execute("SELECT count(*) FROM results").fetchone()
+            by = cur.execute("SELECT disposition, count(*) FROM results GROUP BY ALL").fetchall()
+        finally:
+            cur.close()
+        return {"total": int(total[0]) if total else 0, "by_disposition": {d: int(n) for d, n in by}}
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+

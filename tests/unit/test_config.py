@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from appliance.cli import app
+from appliance.config import load_config
+from appliance.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = """\
+camera:
+  view: top
+  source: replay
+  replay:
+    path: /data/images
+    rate_hz: 5
+disposition:
+  rules:
+    - name: ok
+      when: {grade: ["0"]}
+      disposition: pass
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_are_valid() -> None:
+    for path in (REPO / "configs").glob("*.yaml"):
+        if path.name != "modbus_map.yaml":
+            load_config(path)
+
+
+def test_good_file_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.camera.replay is not None and cfg.camera.replay.rate_hz == 5
+    assert cfg.disposition.min_confidence == 0.6
+    assert cfg.store.retention.share("pass") == 0.05
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "words"),
+    [
+        (GOOD.replace("rate_hz: 5", "rate_hz: -1"), 6, "camera.replay.rate_hz", "greater than 0"),
+        (GOOD.replace("    rate_hz: 5", "    rate_hz: 5\n    speed: 3"), 7, "camera.replay.speed",
+         "unknown key"),
+        (GOOD.replace("disposition: pass", "disposition: maybe"), 11, "disposition.rules.0.disposition",
+         "'pass', 'rework' or 'reject'"),
+        (GOOD.replace("  source: replay", "  source: genicam"), 1, "camera", "'genicam' section is missing"),
+        (GOOD + "api:\n  port: 99999\n", 13, "api.port", "less than or equal to 65535"),
+    ],
+)
+def test_errors_name_key_and_line(tmp_path: Path, text: str, line: int, key: str, words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:{line}: {key}:" in message
+    assert words in message
+
+
+def test_missing_section_is_named(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"cfg.yaml: disposition: Field required"):
+        load_config(write(tmp_path, GOOD.split("disposition:")[0]))
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"cfg.yaml:3: invalid YAML"):
+        load_config(write(tmp_path, "camera:\n  view: top\n\tsource: replay\n"))
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check-config", str(write(tmp_path, GOOD))])
+    assert ok.exit_code == 0, ok.output
+    assert "OK" in ok.output
+    bad = runner.invoke(app, ["check-config", str(write(tmp_path, GOOD.replace("rate_hz: 5", "rate_hz: x")))])
+    assert bad.exit_code == 2
+    assert "cfg.yaml:6: camera.replay.rate_hz" in bad.output
+    assert "Traceback" not in bad.output
