@@ -1,0 +1,219 @@
+"""The ``appliance`` command line.  User mistakes print one clear message and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from appliance.config import AppConfig, load_config
+from appliance.errors import UserError
+
+app = typer.Typer(
+    name="appliance", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Edge appliance for visual defect classification: camera → model → disposition → PLC.",
+)
+
+T = TypeVar("T")
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+def _user_errors(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except UserError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _need_training_extra() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError("training needs the [train] extra: pip install -e '.[train]'") from None
+
+
+@app.command("check-config")
+def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to validate.")]) -> None:
+    """Validate a configuration file without starting anything."""
+    config = _user_errors(lambda: load_config(file))
+    typer.echo(f"{file}: OK (line {config.line.line_id}, camera '{config.camera.view}' "
+               f"from {config.camera.source}, state in {config.state_dir})")
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")] = DEFAULT_CONFIG,
+        ) -> None:
+    """Run the line: acquire, classify, decide, store and publish until SIGTERM/SIGINT."""
+    cfg = _user_errors(lambda: load_config(config))
+    _user_errors(lambda: asyncio.run(_serve(cfg)))
+
+
+async def _serve(cfg: AppConfig, duration: float | None = None,
+                 announce: Callable[[Any], None] | None = None) -> None:
+    from appliance.daemon import Daemon
+    from appliance.logs import setup_logging
+
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        if announce is not None:
+            announce(daemon)
+        if duration is None:
+            await daemon.run_until_signalled()
+        else:
+            stopper = asyncio.create_task(daemon.run_until_signalled())
+            await asyncio.wait([stopper], timeout=duration)
+            stopper.cancel()
+    finally:
+        await daemon.stop()
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Demo line configuration.")] = DEFAULT_CONFIG,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: run "
+                                                        "until Ctrl+C).")] = None,
+) -> None:
+    """Train the demo model from ELPV if there is none, then run the simulated line."""
+    from appliance.demo import prepare_demo
+
+    cfg = _user_errors(lambda: load_config(config))
+    _user_errors(lambda: prepare_demo(cfg))
+
+    def announce(daemon: Any) -> None:
+        base = f"http://{cfg.api.host}:{daemon.api_port}"
+        typer.secho("\nline running — the simulated line replays held-out ELPV solar cells", bold=True)
+        typer.echo(f"  model      {daemon.classifier.version}  (registry: {cfg.models_dir})")
+        typer.echo(f"  HTTP API   {base}/api/v1/health   results: {base}/api/v1/results?limit=10")
+        typer.echo(f"  API docs   {base}/docs")
+        typer.echo(f"  database   {cfg.resolve(cfg.store.path)}  (owned by the daemon; query via the API)")
+        typer.echo(f"  images     {cfg.resolve(cfg.store.archive_dir)}")
+        typer.echo("  stop       Ctrl+C\n")
+
+    _user_errors(lambda: asyncio.run(_serve(cfg, duration, announce)))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset folder (labels.csv [+ dataset.yaml]).")],
+    out: Annotated[Path, typer.Option(help="Model package folder to write.")],
+    recipe: Annotated[Path | None, typer.Option(help="YAML file with TrainRecipe settings.")] = None,
+    register: Annotated[Path | None, typer.Option(help="Also register the model in this state "
+                                                       "directory's registry.")] = None,
+) -> None:
+    """Train a multi-head classifier by transfer learning and export the model package."""
+    _user_errors(_need_training_extra)
+    from appliance.training.train import TrainRecipe, train_model
+
+    def go() -> None:
+        r = _load_recipe(recipe, TrainRecipe) if recipe else None
+        card = train_model(data, out, r)
+        typer.echo(f"model {card.version} written to {out}")
+        if register is not None:
+            from appliance.registry import ModelRegistry
+
+            ModelRegistry(register / "models").register(out)
+            typer.echo(f"registered in {register / 'models'}")
+
+    _user_errors(go)
+
+
+def _load_recipe(path: Path, model: Any) -> Any:
+    from pydantic import ValidationError
+
+    from appliance.yamlio import load_yaml_with_lines, validation_message
+
+    data, lines = load_yaml_with_lines(path)
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise UserError(validation_message(path, exc, lines)) from exc
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model package folder.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder; its test split is used when it has one.")],
+    split: Annotated[str | None, typer.Option(help="Evaluate this split instead.")] = None,
+) -> None:
+    """Per-head accuracy, macro-F1 and confusion matrix; last line is JSON."""
+    from appliance.training.evaluate import evaluate_model
+
+    def go() -> None:
+        report = evaluate_model(model, data, split)
+        typer.echo(report.to_text())
+        typer.echo(json.dumps(report.summary()))
+
+    _user_errors(go)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="Model package folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+) -> None:
+    """One JSON line per image with each head's class and confidence."""
+    from appliance.training.predict import predict_images
+
+    def go() -> int:
+        failed = 0
+        for line in predict_images(model, images):
+            failed += "error" in line
+            typer.echo(json.dumps(line))
+        return failed
+
+    if _user_errors(go):
+        raise typer.Exit(1)
+
+
+@app.command("import-elpv")
+def import_elpv_cmd(out: Annotated[Path, typer.Argument(help="Dataset folder to create.")],
+                    seed: int = 0) -> None:
+    """Turn the ELPV solar-cell dataset (PyPI elpv-dataset) into the dataset format."""
+    from appliance.datasets.elpv import import_elpv
+
+    ds = _user_errors(lambda: import_elpv(out, seed=seed))
+    typer.echo(f"{out}: {len(ds.samples)} cells, {len(ds.split('train'))} train / "
+               f"{len(ds.split('test'))} test")
+
+
+@app.command()
+def results(
+    api: Annotated[str, typer.Option(help="The daemon's API base URL.")] = "http://127.0.0.1:8080",
+    disposition: str | None = None,
+    batch: str | None = None,
+    limit: int = 20,
+) -> None:
+    """List recent results through the daemon's API (the daemon alone opens the database)."""
+    import httpx
+
+    params = {k: v for k, v in {"disposition": disposition, "batch": batch, "limit": limit}.items()
+              if v is not None}
+    try:
+        resp = httpx.get(f"{api}/api/v1/results", params=params, timeout=10)
+    except httpx.HTTPError as exc:
+        typer.secho(f"error: cannot reach the daemon at {api} ({exc})", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if resp.status_code != 200:
+        typer.secho(f"error: {resp.status_code} {resp.text}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    for r in resp.json()["results"]:
+        heads = " ".join(f"{p['head']}={p['label']}({p['confidence']:.2f})" for p in r["predictions"])
+        typer.echo(f"{r['seq']:>8} {r['acquired_at'][:23]} {r['part_id'] or '-':<14} "
+                   f"{r['disposition']:<7} {r['rule']:<28} {heads or r['error']}")
+
+
+def main() -> None:
+    app(prog_name="appliance")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

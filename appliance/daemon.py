@@ -1,0 +1,322 @@
+"""The edge daemon: one asyncio loop wiring camera → classifier → disposition → store → publishers.
+
+Start order: store, image archive, model, HTTP API, pipeline worker, camera.  Stop order is the
+reverse for producers first: the camera stops, the frames already queued are still judged and
+journaled, then the API and the store close.  Nothing a PLC has seen is ever lost, because
+publishers run only after the store has the result on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from appliance.archive import ImageArchive
+from appliance.camera.base import Frame, FrameSource
+from appliance.config import AppConfig
+from appliance.disposition import IMAGE_ERROR, Disposer
+from appliance.errors import UserError
+from appliance.inference import BadImage, Classifier
+from appliance.registry import ModelRegistry
+from appliance.result import PartResult, head_results, new_result_id
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[PartResult], Awaitable[None]]
+LATENCY_WINDOW = 2048
+
+
+@dataclass(slots=True)
+class PartContext:
+    """What the PLC told us about the parts: batch (sticky), part id and process values (next part)."""
+
+    batch: str | None = None
+    part_id: str | None = None
+    process_values: dict[str, float] = field(default_factory=dict)
+
+    def take(self) -> tuple[str | None, str | None, dict[str, float]]:
+        part_id, values = self.part_id, self.process_values
+        self.part_id, self.process_values = None, {}
+        return self.batch, part_id, values
+
+
+@dataclass(slots=True)
+class LineStats:
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    frames: int = 0
+    dropped: int = 0
+    judged: int = 0
+    failed: int = 0
+    store_errors: int = 0
+    dispositions: Counter[str] = field(default_factory=Counter)
+    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    stored_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def summary(self) -> dict[str, Any]:
+        def pct(values: deque[float]) -> dict[str, float | None]:
+            if not values:
+                return {"p50": None, "p99": None}
+            arr = np.fromiter(values, float)
+            return {"p50": round(float(np.percentile(arr, 50)), 3),
+                    "p99": round(float(np.percentile(arr, 99)), 3)}
+
+        return {
+            "frames": self.frames, "dropped": self.dropped, "judged": self.judged,
+            "failed": self.failed, "store_errors": self.store_errors,
+            "dispositions": dict(self.dispositions),
+            "decided_latency_ms": pct(self.latency_ms), "stored_latency_ms": pct(self.stored_ms),
+        }
+
+
+def make_source(config: AppConfig) -> FrameSource:
+    cam = config.camera
+    if cam.source == "replay":
+        from appliance.camera.replay import ReplaySource
+
+        assert cam.replay is not None
+        replay = cam.replay.model_copy(update={"path": config.resolve(cam.replay.path)})
+        return ReplaySource(replay, cam.view)
+    from appliance.camera.genicam import GenICamSource
+
+    assert cam.genicam is not None
+    genicam = cam.genicam.model_copy(update={"cti": config.resolve(cam.genicam.cti)})
+    return GenICamSource(genicam, cam.view)
+
+
+class Daemon:
+    def __init__(self, config: AppConfig, source: FrameSource | None = None) -> None:
+        self.config = config
+        self.source = source or make_source(config)
+        self.store = Store(config.resolve(config.store.path), config.state_dir / "journal")
+        self.archive = ImageArchive(config.resolve(config.store.archive_dir), config.store.retention)
+        self.registry = ModelRegistry(config.models_dir)
+        self.disposer = Disposer(config.disposition)
+        self.context = PartContext(batch=config.line.batch)
+        self.stats = LineStats()
+        self.publishers: list[Publisher] = []
+        self.classifier: Classifier | None = None
+        self.latest: PartResult | None = None
+        self.running = False
+        self.source_done = False
+        self.api_port: int | None = None
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=config.camera.queue_size)
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._api: Any = None
+        self._result_event = asyncio.Condition()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bring everything up; on any failure, undo what already started and re-raise."""
+        try:
+            self.store.open()
+            if self.store.recovered:
+                log.warning("recovered %d results from the journal after an unclean stop",
+                            self.store.recovered)
+            self.archive.start()
+            self.classifier = await asyncio.to_thread(self._load_model)
+            from appliance.api import ApiServer
+
+            self._api = ApiServer(self)
+            self.api_port = await self._api.start(self.config.api.host, self.config.api.port)
+            self._tasks.append(asyncio.create_task(self._judge_loop(), name="judge"))
+            await self.source.open()
+            self._tasks.append(asyncio.create_task(self._acquire_loop(), name="acquire"))
+            self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        except BaseException:
+            await self.stop()
+            raise
+        self.running = True
+        log.info("line running: model %s, camera '%s' (%s), API http://%s:%s",
+                 self.classifier.version, self.config.camera.view, self.config.camera.source,
+                 self.config.api.host, self.api_port)
+
+    def _load_model(self) -> Classifier:
+        path = self.registry.champion_path()
+        if self.config.model.path is not None:
+            path = self.config.resolve(self.config.model.path)
+        if path is None:
+            raise UserError(
+                f"no model to serve: set model.path, or register one in {self.registry.root} "
+                "(`appliance train` / `appliance demo`)"
+            )
+        classifier = Classifier(path, self.config.model.intra_op_threads, self.config.model.warmup_runs)
+        self.disposer.check_against(classifier.card)
+        return classifier
+
+    async def stop(self) -> None:
+        """Stop producers first, judge and store what is already queued, then close the rest."""
+        self.running = False
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            await self.source.close()
+        acquire = [t for t in self._tasks if t.get_name() in ("acquire", "housekeeping")]
+        for task in acquire:
+            task.cancel()
+        await asyncio.gather(*acquire, return_exceptions=True)
+        judge = [t for t in self._tasks if t.get_name() == "judge"]
+        if judge:
+            await self._queue.put(None)
+            await asyncio.gather(*judge, return_exceptions=True)
+        self._tasks.clear()
+        if self._api is not None:
+            await self._api.stop()
+            self._api = None
+        self._infer_pool.shutdown(wait=True)
+        self.archive.close()
+        await asyncio.to_thread(self.store.close)
+        log.info("line stopped: %s", self.stats.summary())
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # -- PLC-facing controls ---------------------------------------------------------------------
+    async def trigger(self, part_id: str | None = None, batch: str | None = None,
+                      process_values: dict[str, float] | None = None) -> None:
+        if batch is not None:
+            self.context.batch = batch
+        if part_id is not None:
+            self.context.part_id = part_id
+        if process_values:
+            self.context.process_values = dict(process_values)
+        await self.source.trigger()
+
+    async def wait_for_results(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` parts have been judged and stored (tests, demo)."""
+        async with self._result_event:
+            await asyncio.wait_for(
+                self._result_event.wait_for(lambda: self.stats.judged >= count), timeout)
+
+    # -- the pipeline ----------------------------------------------------------------------------
+    async def _acquire_loop(self) -> None:
+        async for frame in self.source.frames():
+            self.stats.frames += 1
+            frame.meta["context"] = self.context.take()  # the PLC's part data belongs to this frame
+            try:
+                self._queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                self.stats.dropped += 1
+                if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
+                    log.warning("classifier busy: %d frames dropped so far", self.stats.dropped)
+        self.source_done = True
+        log.info("camera source finished after %d frames", self.stats.frames)
+
+    async def _judge_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (frame := await self._queue.get()) is not None:
+            dequeued_ns = time.perf_counter_ns()
+            classifier = self.classifier  # a model swap takes effect between two frames
+            assert classifier is not None
+            result = await loop.run_in_executor(self._infer_pool, self._judge, frame, classifier,
+                                                dequeued_ns)
+            await self._commit(result, frame)
+
+    def _judge(self, frame: Frame, classifier: Classifier, dequeued_ns: int) -> PartResult:
+        batch, part_id, process_values = frame.meta.get("context") or (self.context.batch, None, {})
+        error = frame.error
+        prediction = None
+        t_infer = time.perf_counter_ns()
+        if error is None and frame.image is not None:
+            try:
+                prediction = classifier.classify(frame.image)
+            except BadImage as exc:
+                error = str(exc)
+        t_decide = time.perf_counter_ns()
+        decision = IMAGE_ERROR if prediction is None else self.disposer.decide(prediction)
+        t_done = time.perf_counter_ns()
+        result_id = new_result_id()
+        result = PartResult(
+            result_id=result_id, acquired_at=frame.acquired_at, decided_at=datetime.now(UTC),
+            line_id=self.config.line.line_id, asset_id=self.config.line.asset_id,
+            camera_view=frame.camera_view, batch=batch,
+            part_id=part_id or frame.meta.get("part_id") or _stem(frame.source_ref),
+            model_version=classifier.version, disposition=decision.disposition, rule=decision.rule,
+            review=decision.review, status="ok" if prediction is not None else "failed",
+            error=error or (None if prediction is not None else "no image"),
+            source_ref=frame.source_ref, process_values=process_values,
+            predictions=head_results(prediction) if prediction else [],
+            latency={
+                "queue_ms": (dequeued_ns - frame.acquired_ns) / 1e6,
+                "inference_ms": (t_decide - t_infer) / 1e6,
+                "decide_ms": (t_done - t_decide) / 1e6,
+                "total_ms": (t_done - frame.acquired_ns) / 1e6,
+            },
+        )
+        if self.archive.keep(result.disposition, failed=prediction is None):
+            result.image_ref = self.archive.submit(result_id, frame.acquired_at, frame.image, frame.encoded)
+        return result
+
+    async def _commit(self, result: PartResult, frame: Frame) -> None:
+        try:
+            await self.store.append(result)
+        except OSError as exc:
+            self.stats.store_errors += 1
+            log.error("result %s could not be stored (%s); it is not published", result.result_id, exc)
+            return
+        self.stats.stored_ms.append((time.perf_counter_ns() - frame.acquired_ns) / 1e6)
+        self.stats.latency_ms.append(result.latency["total_ms"])
+        self.stats.judged += 1
+        self.stats.dispositions[result.disposition] += 1
+        if result.status == "failed":
+            self.stats.failed += 1
+            log.warning("part %s failed: %s (held for review)", result.part_id, result.error)
+        self.latest = result
+        for publish in self.publishers:
+            try:
+                await publish(result)
+            except Exception:  # one broken publisher must not stop the line or the others
+                log.exception("publisher %s failed for result %s", publish, result.result_id)
+        async with self._result_event:
+            self._result_event.notify_all()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            removed = await asyncio.to_thread(self.archive.prune)
+            if removed:
+                log.info("image retention: removed %d images older than %d days", removed,
+                         self.config.store.retention.max_age_days)
+            await asyncio.sleep(3600)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "running" if self.running else "stopped",
+            "line_id": self.config.line.line_id, "asset_id": self.config.line.asset_id,
+            "camera": {"view": self.config.camera.view, "source": self.config.camera.source,
+                       "online": self.source.online, "finished": self.source_done},
+            "model_version": self.classifier.version if self.classifier else None,
+            "queue_depth": self._queue.qsize(),
+            "uptime_s": round((datetime.now(UTC) - self.stats.started_at).total_seconds(), 1),
+            "store": {"ingested_seq": self.store.ingested_seq, "next_seq": self.store.next_seq,
+                      "recovered": self.store.recovered},
+            "archive": {"written": self.archive.written, "failed": self.archive.failed,
+                        "skipped_low_disk": self.archive.skipped_low_disk, "low_disk": self.archive.low_disk},
+            **self.stats.summary(),
+        }
+
+
+def _stem(source_ref: str) -> str:
+    name = source_ref.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
