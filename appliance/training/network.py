@@ -1,0 +1,66 @@
+"""The multi-head classifier: frozen trunk, trained top, one linear layer per head.
+
+``TrainNet`` is what the optimiser sees (cached trunk features in, logits out); ``ExportNet`` is
+the whole graph that goes into model.onnx (raw uint8 image in, calibrated probabilities out).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from appliance.training.backbone import FEATURES, Top, Trunk, load_backbone
+from appliance.training.preprocess import Preprocess
+
+
+class TrainNet(nn.Module):
+    """Cached trunk features → one logit vector per head."""
+
+    def __init__(self, top: Top, classes_per_head: list[int], dropout: float) -> None:
+        super().__init__()
+        self.top = top
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(FEATURES, n) for n in classes_per_head)
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        x = self.dropout(self.top(features))
+        return [head(x) for head in self.heads]
+
+
+class FrozenPart(nn.Module):
+    """Preprocessing + frozen trunk: raw uint8 images → the features ``TrainNet`` consumes."""
+
+    def __init__(self, preprocess: Preprocess, trunk: Trunk) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.trunk = trunk
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.preprocess(image))
+
+
+class ExportNet(nn.Module):
+    """The deployed graph: uint8 image → per-head softmax(logits / temperature)."""
+
+    def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float]) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.net = net
+        self.register_buffer("inv_temperature", 1.0 / torch.tensor(temperatures, dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.net(self.frozen(image))
+        return tuple(torch.softmax(z * self.inv_temperature[i], dim=1) for i, z in enumerate(logits))
+
+
+def build(layout: Literal["NHW", "NHWC"], image_size: int, frozen_blocks: int, classes_per_head: list[int],
+          dropout: float, drop_connect: float) -> tuple[FrozenPart, TrainNet]:
+    """The two halves of a fresh pretrained model; they share no parameters."""
+    backbone = load_backbone(image_size)
+    frozen = FrozenPart(Preprocess(layout, image_size), Trunk(backbone, frozen_blocks)).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    net = TrainNet(Top(backbone, frozen_blocks, drop_connect), classes_per_head, dropout)
+    return frozen, net

@@ -1,0 +1,59 @@
+"""The training recipe: every knob of a training run, validated, and recorded in the model card."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.training.backbone import NUM_BLOCKS
+
+
+class TrainRecipe(BaseModel):
+    """How to train a model from a dataset; the defaults are the tuned ELPV demo recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(
+        default=224, ge=64, le=512,
+        description="Side in px the graph resizes every image to; drives accuracy and latency.",
+    )
+    frozen_blocks: int = Field(
+        default=14, ge=0, le=NUM_BLOCKS,
+        description="The stem and this many MBConv blocks keep their ImageNet weights; their output "
+                    "is computed once per image and view, and only the blocks above are trained.",
+    )
+    epochs: int = Field(default=12, ge=1, le=500, description="Maximum passes over the training set.")
+    patience: int = Field(
+        default=4, ge=1, le=500,
+        description="Stop after this many epochs without a better validation score.",
+    )
+    batch_size: int = Field(default=64, ge=2, le=1024, description="Samples per optimisation step.")
+    lr: float = Field(default=1e-3, gt=0, le=1, description="Peak AdamW learning rate (cosine decay).")
+    weight_decay: float = Field(default=1e-4, ge=0, le=1, description="AdamW weight decay.")
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="Dropout before the head layers.")
+    drop_connect: float = Field(
+        default=0.2, ge=0, lt=1,
+        description="Stochastic-depth rate of the trained blocks (as in EfficientNet).",
+    )
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    ordinal_weight: float = Field(
+        default=0.5, ge=0, le=10,
+        description="For ordinal heads, weight of the expected grade distance added to the "
+                    "cross-entropy, so that a 0-vs-1 mistake costs more than a 0-vs-1/3 one.",
+    )
+    class_balance: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Per-class loss weight (1/frequency)^class_balance: 0 = natural frequencies, "
+                    "1 = fully balanced classes.",
+    )
+    flip_horizontal: bool = Field(default=True, description="Add left-right mirrored views.")
+    flip_vertical: bool = Field(default=True, description="Add upside-down views.")
+    rotate_90: bool = Field(
+        default=False,
+        description="Add 90° rotated views; only for products whose orientation carries no meaning.",
+    )
+    val_fraction: float = Field(
+        default=0.15, gt=0, lt=1,
+        description="Share of the training rows held out (stratified) for early stopping and "
+                    "calibration when the dataset has no 'val' split.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed for the split, sampling and initialisation.")

@@ -1,0 +1,168 @@
+"""``train_model``: dataset folder in, validated model package out.
+
+Pipeline: choose rows → export the frozen trunk (with the in-graph preprocessing) to a temporary
+ONNX file → cache its output per image and view with onnxruntime → train the top blocks and the
+heads on the cache → fit one temperature per head on the validation part → export the whole
+graph, check onnxruntime against torch, write the model card.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from appliance.dataset import Dataset, HeadSpec, load_dataset
+from appliance.errors import UserError
+from appliance.model_package import (
+    ONNX_FILE,
+    CardHead,
+    ModelCard,
+    ModelInput,
+    new_version,
+    output_name,
+    sha256_file,
+    write_card,
+)
+from appliance.training.backbone import ARCHITECTURE
+from appliance.training.calibration import fit_temperature
+from appliance.training.data import (
+    Rows,
+    check_trainable,
+    detect_layout,
+    fingerprint,
+    label_matrix,
+    loader,
+    select_rows,
+)
+from appliance.training.export import export_onnx, verify_onnx
+from appliance.training.features import View, extract, views
+from appliance.training.fit import fit, logits_of
+from appliance.training.metrics import (
+    accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    macro_f1,
+    softmax,
+)
+from appliance.training.network import ExportNet, build
+from appliance.training.recipe import TrainRecipe
+
+VERIFY_IMAGES = 4
+
+
+def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
+                parent_version: str | None = None, progress: bool = True) -> ModelCard:
+    """Train a model on the dataset folder ``data`` and write its package into ``out``
+    (``out/model.onnx`` + ``out/model.json``; ``out`` must be new or empty)."""
+    recipe = recipe or TrainRecipe()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not an empty folder; choose a new package folder")
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    dataset = load_dataset(data)
+    rows = select_rows(dataset, recipe.val_fraction, recipe.seed)
+    heads = dataset.heads
+    y_train, y_val = label_matrix(rows.train, heads), label_matrix(rows.val, heads)
+    check_trainable(dataset, rows, y_train, y_val)
+    train_paths, val_paths = [s.image for s in rows.train], [s.image for s in rows.val]
+    layout = detect_layout(train_paths + val_paths)
+    load = loader(layout)
+
+    torch.manual_seed(recipe.seed)
+    frozen, net = build(layout, recipe.image_size, recipe.frozen_blocks, [len(h.classes) for h in heads],
+                        recipe.dropout, recipe.drop_connect)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
+        trunk_onnx = Path(tmp) / "trunk.onnx"
+        export_onnx(frozen, trunk_onnx, layout, recipe.image_size, ["features"])
+        view_list = views(recipe)
+        train_x = extract(trunk_onnx, train_paths, load, view_list, threads, progress, "features (train)")
+        val_x = extract(trunk_onnx, val_paths, load, [View()], threads, progress, "features (val)")[0]
+    seconds["features"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    result = fit(net, heads, train_x, y_train, val_x, y_val, recipe, progress)
+    seconds["train"] = time.perf_counter() - mark
+    del train_x
+
+    temperatures, metrics = _calibrate(dataset, rows, logits_of(net, val_x), y_val)
+
+    mark = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    model = ExportNet(frozen, net, temperatures).eval()
+    onnx_path = out / ONNX_FILE
+    export_onnx(model, onnx_path, layout, recipe.image_size, [output_name(h.name) for h in heads])
+    max_diff = verify_onnx(model, onnx_path, _verification_batches(val_paths, load), threads)
+    seconds["export"] = time.perf_counter() - mark
+    seconds["total"] = time.perf_counter() - started
+
+    card = ModelCard(
+        version=new_version(salt=str(out.resolve())),
+        parent_version=parent_version,
+        architecture=ARCHITECTURE,
+        input=ModelInput(layout=layout, channels=1 if layout == "NHW" else 3,
+                         height=recipe.image_size, width=recipe.image_size),
+        heads=[CardHead(**h.model_dump(), temperature=t) for h, t in zip(heads, temperatures, strict=True)],
+        metrics=metrics,
+        training={
+            "recipe": recipe.model_dump(),
+            "dataset": str(Path(data).resolve()),
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "counts": {"train": len(rows.train), "val": len(rows.val), "test_untouched": rows.held_out,
+                       "views": len(view_list),
+                       "classes": _class_counts(heads, y_train)},
+            "validation": rows.val_source,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "history": result.history,
+            "onnx_max_abs_diff_vs_torch": max_diff,
+            "threads": threads,
+        },
+        training_data_fingerprint=fingerprint(dataset, rows.train + rows.val),
+        onnx_sha256=sha256_file(onnx_path),
+    )
+    write_card(out, card)  # written last: a folder with model.json is a complete package
+    return card
+
+
+def _calibrate(dataset: Dataset, rows: Rows, logits: list[np.ndarray],
+               y_val: np.ndarray) -> tuple[list[float], dict]:
+    """Per-head temperatures and the validation metrics before/after calibration."""
+    temperatures: list[float] = []
+    per_head: dict[str, dict] = {}
+    for j, head in enumerate(dataset.heads):
+        known = y_val[:, j] >= 0
+        z, y = logits[j][known], y_val[known, j]
+        t = fit_temperature(z, y)
+        temperatures.append(t)
+        m = confusion_matrix(y, z.argmax(axis=1), len(head.classes))
+        per_head[head.name] = {
+            "accuracy": round(accuracy(m), 4),
+            "macro_f1": round(macro_f1(m), 4),
+            "ece_uncalibrated": round(expected_calibration_error(softmax(z), y), 4),
+            "ece": round(expected_calibration_error(softmax(z / t), y), 4),
+            "n": int(known.sum()),
+        }
+    return temperatures, {"split": "val", "source": rows.val_source, "heads": per_head}
+
+
+def _class_counts(heads: list[HeadSpec], y: np.ndarray) -> dict[str, dict[str, int]]:
+    return {h.name: dict(zip(h.classes, np.bincount(y[:, j][y[:, j] >= 0], minlength=len(h.classes)).tolist(),
+                             strict=True))
+            for j, h in enumerate(heads)}
+
+
+def _verification_batches(paths: list[Path], load: Callable[[Path], np.ndarray]) -> list[np.ndarray]:
+    """A batch of validation images of one size, and the first one cropped to an odd size (the
+    graph must accept any height and width)."""
+    first = load(paths[0])
+    same = [first, *(im for im in map(load, paths[1:VERIFY_IMAGES * 4]) if im.shape == first.shape)]
+    cropped = first[: max(8, first.shape[0] - 37), : max(8, first.shape[1] - 11)]
+    return [np.stack(same[:VERIFY_IMAGES]), np.ascontiguousarray(cropped[None])]

@@ -1,0 +1,197 @@
+"""Train a real (tiny) model on a synthetic two-head dataset, then evaluate and predict with it."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image, ImageDraw
+
+from appliance.dataset import HeadSpec, Sample, write_dataset
+from appliance.errors import UserError
+from appliance.model_package import read_card, sha256_file
+from appliance.training.calibration import fit_temperature
+from appliance.training.evaluate import evaluate_model
+from appliance.training.metrics import confusion_matrix, expected_calibration_error, macro_f1
+from appliance.training.predict import predict_images
+from appliance.training.recipe import TrainRecipe
+from appliance.training.train import train_model
+
+SIDE = 72
+PER_CLASS = 32
+HEADS = [
+    HeadSpec(name="defect_type", classes=["none", "scratch", "spot"]),
+    HeadSpec(name="severity", classes=["minor", "major"], ordinal=True),
+]
+TINY = TrainRecipe(image_size=64, frozen_blocks=12, epochs=8, patience=8, batch_size=16, lr=3e-3,
+                   val_fraction=0.2, flip_horizontal=True, flip_vertical=False)
+
+
+def _draw(kind: str, major: bool, rng: np.random.Generator) -> Image.Image:
+    """Noisy grey background; a line (scratch) or a disc (spot), big and bright when major."""
+    base = rng.normal(90, 12, (SIDE, SIDE)).clip(0, 255).astype(np.uint8)
+    im = Image.fromarray(base, mode="L")
+    draw = ImageDraw.Draw(im)
+    colour = 250 if major else 150
+    cx, cy = (int(v) for v in rng.integers(22, SIDE - 22, size=2))
+    if kind == "scratch":
+        half = 24 if major else 10
+        draw.line([(cx - half, cy - half // 3), (cx + half, cy + half // 3)], fill=colour, width=3)
+    elif kind == "spot":
+        r = 12 if major else 5
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    return im
+
+
+def _rows(dataset: Path) -> list[dict[str, str]]:
+    with (dataset / "labels.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(7)
+    samples = []
+    for kind in HEADS[0].classes:
+        for i in range(PER_CLASS):
+            major = i % 2 == 1
+            path = root / "img" / f"{kind}_{i:03d}.png"
+            _draw(kind, major, rng).save(path)
+            # A flawless part has no severity: that head's label is unknown (masked in the loss).
+            labels = {"defect_type": kind}
+            if kind != "none":
+                labels["severity"] = "major" if major else "minor"
+            samples.append(Sample(image=path, labels=labels, split="test" if i // 2 % 4 == 3 else "train"))
+    write_dataset(root, HEADS, samples, name="synthetic")
+    return root
+
+
+@pytest.fixture(scope="module")
+def package(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "v1"
+    train_model(dataset, out, TINY, parent_version="parent-1", progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_card(package: Path, dataset: Path) -> None:
+    assert sorted(p.name for p in package.iterdir()) == ["model.json", "model.onnx"]
+    card = read_card(package)  # also checks the sha256
+    assert card.onnx_sha256 == sha256_file(package / "model.onnx")
+    assert card.parent_version == "parent-1" and card.version
+    assert card.input.model_dump() == {"layout": "NHW", "channels": 1, "height": 64, "width": 64,
+                                       "dtype": "uint8"}
+    assert [(h.name, h.classes, h.ordinal) for h in card.heads] == [
+        ("defect_type", ["none", "scratch", "spot"], False), ("severity", ["minor", "major"], True)]
+    assert all(0.25 <= h.temperature <= 10 for h in card.heads)
+    for head in ("defect_type", "severity"):
+        assert {"accuracy", "macro_f1", "ece", "ece_uncalibrated"} <= card.metrics["heads"][head].keys()
+    assert card.training["recipe"] == TINY.model_dump()
+    rows = _rows(dataset)
+    counts = card.training["counts"]
+    assert counts["test_untouched"] == sum(r["split"] == "test" for r in rows)
+    assert counts["train"] + counts["val"] == sum(r["split"] == "train" for r in rows)
+    # Only flawed parts have a severity, so the severity head learnt from fewer rows.
+    assert sum(counts["classes"]["severity"].values()) == sum(counts["classes"]["defect_type"].values()) \
+        - counts["classes"]["defect_type"]["none"]
+    learnt = sorted(json.dumps([r["image"], [r["defect_type"], r["severity"]]])
+                    for r in rows if r["split"] == "train")
+    assert card.training_data_fingerprint == hashlib.sha256("\n".join(learnt).encode()).hexdigest()
+
+
+@pytest.mark.slow
+def test_onnx_contract(package: Path) -> None:
+    model = onnx.load(str(package / "model.onnx"))
+    (inp,) = model.graph.input
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert len(dims) == 3 and all(d.dim_param for d in dims)  # batch, height and width are dynamic
+    assert [o.name for o in model.graph.output] == ["defect_type_probs", "severity_probs"]
+    sess = ort.InferenceSession(str(package / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for shape in [(3, SIDE, SIDE), (1, 41, 97)]:
+        outs = sess.run(None, {"image": rng.integers(0, 256, shape, dtype=np.uint8)})
+        for probs, n in zip(outs, (3, 2), strict=True):
+            assert probs.dtype == np.float32 and probs.shape == (shape[0], n)
+            np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_learns_the_pattern(package: Path, dataset: Path) -> None:
+    report = evaluate_model(package, dataset)
+    assert report.split == "test" and report.images == sum(r["split"] == "test" for r in _rows(dataset))
+    summary = json.loads(json.dumps(report.summary()))
+    assert set(summary["heads"]) == {"defect_type", "severity"}
+    for head in summary["heads"].values():
+        assert isinstance(head["accuracy"], float) and isinstance(head["macro_f1"], float)
+        assert 0 <= head["ece"] <= 1
+    # Chance is 1/3 and 1/2; the shapes and sizes are easy to tell apart.
+    assert summary["heads"]["defect_type"]["accuracy"] >= 0.8
+    assert summary["heads"]["severity"]["accuracy"] >= 0.7
+    assert summary["heads"]["severity"]["n"] == 2 * summary["heads"]["defect_type"]["n"] // 3
+    assert np.sum(summary["heads"]["defect_type"]["confusion"]) == report.images
+    text = report.to_text()
+    assert "defect_type" in text and "scratch" in text and "recall" in text
+    assert evaluate_model(package, dataset, split="train").images > report.images
+    with pytest.raises(UserError, match="split 'val'"):
+        evaluate_model(package, dataset, split="val")
+
+
+@pytest.mark.slow
+def test_predict_survives_a_bad_image(package: Path, dataset: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    images = [dataset / "img" / "spot_007.png", broken, tmp_path / "missing.png",
+              dataset / "img" / "scratch_007.png"]
+    results = list(predict_images(package, images))
+    assert json.loads(json.dumps(results)) == results
+    assert [r["image"] for r in results] == [str(p) for p in images]
+    assert "error" in results[1] and "error" in results[2] and "heads" not in results[1]
+    for r in (results[0], results[3]):
+        assert set(r["heads"]) == {"defect_type", "severity"}
+        assert 0 < r["heads"]["defect_type"]["confidence"] <= 1
+    assert results[0]["heads"]["defect_type"]["class"] == "spot"
+    assert results[3]["heads"]["defect_type"]["class"] == "scratch"
+
+
+def test_refuses_to_overwrite_a_package(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(UserError, match="not an empty folder"):
+        train_model(dataset, tmp_path, TINY, progress=False)
+
+
+def test_needs_two_classes_per_head(tmp_path: Path) -> None:
+    Image.new("L", (32, 32)).save(tmp_path / "a.png")
+    heads = [HeadSpec(name="defect_type", classes=["ok", "bad"])]
+    write_dataset(tmp_path, heads, [Sample(image=tmp_path / "a.png", labels={"defect_type": "ok"})] * 6)
+    with pytest.raises(UserError, match="fewer than two classes"):
+        train_model(tmp_path, tmp_path / "out", TINY, progress=False)
+
+
+def test_metrics_by_hand() -> None:
+    m = confusion_matrix(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), 3)
+    assert m.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    # F1: class 0 = 2·1/(2+2) = 0.5, class 1 = 2·2/(2+3) = 0.8, class 2 = 0
+    assert macro_f1(m) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    # bins: 0.9 (2 samples, both right) and 0.6 (2 samples, one right): (2·0.1 + 2·0.1)/4
+    assert expected_calibration_error(probs, np.array([0, 0, 0, 0])) == pytest.approx(0.1)
+
+
+def test_temperature_undoes_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    true_logits = rng.normal(0, 1, (2000, 3))
+    true_logits[np.arange(2000), y] += 1.5
+    # Labels drawn from softmax(true_logits) would be calibrated at T=1; scaling by 3 is overconfident.
+    p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    assert fit_temperature(true_logits * 3, y) == pytest.approx(3.0, rel=0.15)
