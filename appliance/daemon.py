@@ -117,17 +117,18 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._api: Any = None
         self._result_event = asyncio.Condition()
+        self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bring everything up; on any failure, undo what already started and re-raise."""
         try:
+            self.classifier = await asyncio.to_thread(self._load_model)
             self.store.open()
             if self.store.recovered:
                 log.warning("recovered %d results from the journal after an unclean stop",
                             self.store.recovered)
             self.archive.start()
-            self.classifier = await asyncio.to_thread(self._load_model)
             from appliance.api import ApiServer
 
             self._api = ApiServer(self)
@@ -139,7 +140,7 @@ class Daemon:
         except BaseException:
             await self.stop()
             raise
-        self.running = True
+        self.running = self._started = True
         log.info("line running: model %s, camera '%s' (%s), API http://%s:%s",
                  self.classifier.version, self.config.camera.view, self.config.camera.source,
                  self.config.api.host, self.api_port)
@@ -178,7 +179,8 @@ class Daemon:
         self._infer_pool.shutdown(wait=True)
         self.archive.close()
         await asyncio.to_thread(self.store.close)
-        log.info("line stopped: %s", self.stats.summary())
+        if self._started:
+            log.info("line stopped: %s", self.stats.summary())
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,142 @@
+"""Pipeline benchmark: frame acquired → stored disposition, per stage, against the bare model.
+
+Measured in one run, on the same images and threads:
+  * bare: onnxruntime ``Classifier.classify`` on decoded images in a tight loop;
+  * paced: the real daemon (replay camera → queue → classifier → disposition → journal fsync)
+    at ``--rate`` parts/s; "stored" is acquired → durable, i.e. when a PLC may be told;
+  * sustained: the same daemon with the camera as fast as it can go, for ``--seconds``.
+Writes bench/results/pipeline.json.  Needs a model: run `appliance demo` once, or pass --model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.camera.replay import list_images
+from appliance.config import AppConfig, load_config
+from appliance.daemon import Daemon
+from appliance.imageio import read_image
+from appliance.inference import Classifier
+from appliance.registry import ModelRegistry
+from appliance.result import STAGES, PartResult
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def pct(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, float)
+    return {"p50": round(float(np.percentile(arr, 50)), 3), "p99": round(float(np.percentile(arr, 99)), 3),
+            "max": round(float(arr.max()), 3), "n": len(values)}
+
+
+def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int) -> dict[str, float]:
+    clf = Classifier(model, threads, warmup_runs=10)
+    times = []
+    for i in range(n):
+        t = time.perf_counter_ns()
+        clf.classify(images[i % len(images)])
+        times.append((time.perf_counter_ns() - t) / 1e6)
+    return pct(times)
+
+
+async def run_line(cfg: AppConfig, rate: float, frames: int | None, seconds: float | None) -> dict[str, Any]:
+    assert cfg.camera.replay is not None
+    replay = cfg.camera.replay.model_copy(update={"rate_hz": rate, "loop": True})
+    cfg = cfg.model_copy(update={"camera": cfg.camera.model_copy(update={"replay": replay})})
+    daemon = Daemon(cfg)
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+
+    async def record(result: PartResult) -> None:
+        for s in STAGES:
+            stages[s].append(result.latency[s])
+
+    daemon.publishers.append(record)
+    await daemon.start()
+    started = time.perf_counter()
+    try:
+        if frames is not None:
+            await daemon.wait_for_results(frames, timeout=frames / rate * 3 + 60)
+        else:
+            await asyncio.sleep(seconds or 10)
+    finally:
+        elapsed = time.perf_counter() - started
+        judged, dropped, stored = daemon.stats.judged, daemon.stats.dropped, list(daemon.stats.stored_ms)
+        await daemon.stop()
+    return {
+        "rate_hz": rate, "elapsed_s": round(elapsed, 2), "judged": judged, "dropped": dropped,
+        "parts_per_s": round(judged / elapsed, 1),
+        "stages_ms": {s: pct(v) for s, v in stages.items() if v},
+        "stored_ms": pct(stored),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    parser.add_argument("--model", type=Path, help="model package (default: the registry champion)")
+    parser.add_argument("--frames", type=int, default=1500, help="parts in the paced run")
+    parser.add_argument("--rate", type=float, default=100.0, help="parts/s in the paced run")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the sustained run")
+    args = parser.parse_args()
+
+    base = load_config(args.config)
+    model = args.model or ModelRegistry(base.models_dir).champion_path()
+    if model is None:
+        raise SystemExit("no model: run `appliance demo` once (it trains one) or pass --model")
+    assert base.camera.replay is not None
+    replay_path = base.resolve(base.camera.replay.path)
+    paths = [p for p, _ in list_images(base.camera.replay.model_copy(update={"path": replay_path}))][:300]
+    images = [read_image(p) for p in paths]
+
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        cfg = base.model_copy(update={
+            "state_dir": Path(tmp),
+            "model": base.model.model_copy(update={"path": model.resolve()}),
+            "api": base.api.model_copy(update={"port": 0}),
+            "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(
+                update={"path": replay_path.resolve()})}),
+        })
+        bare = bare_model(model, images, args.frames, cfg.model.intra_op_threads)
+        paced = asyncio.run(run_line(cfg, args.rate, args.frames, None))
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        cfg = cfg.model_copy(update={"state_dir": Path(tmp)})
+        sustained = asyncio.run(run_line(cfg, 10_000.0, None, args.seconds))
+
+    stored_p99 = paced["stored_ms"]["p99"]
+    report = {
+        "benchmark": "pipeline",
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "model": str(model), "model_version": Classifier(model, warmup_runs=0).version,
+        "bare_model_ms": bare,
+        "paced": paced,
+        "sustained": sustained,
+        "ratio_stored_p99_to_bare_p99": round(stored_p99 / bare["p99"], 3),
+        "goals": {"pipeline_p99_ms<=10": stored_p99 <= 10, "ratio<=1.5": stored_p99 <= 1.5 * bare["p99"],
+                  "sustained>=100/s": sustained["parts_per_s"] >= 100},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"bare model        p50 {bare['p50']:.2f} ms  p99 {bare['p99']:.2f} ms")
+    for stage, s in paced["stages_ms"].items():
+        print(f"paced {stage:<12} p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms")
+    print(f"paced stored      p50 {paced['stored_ms']['p50']:.2f} ms  p99 {stored_p99:.2f} ms "
+          f"({paced['judged']} parts at {args.rate:.0f}/s, {paced['dropped']} dropped)")
+    print(f"ratio stored p99 / bare p99 = {report['ratio_stored_p99_to_bare_p99']}")
+    print(f"sustained         {sustained['parts_per_s']} parts/s ({sustained['dropped']} frames dropped "
+          f"by the camera queue)")
+    print(f"goals: {report['goals']}")
+
+
+if __name__ == "__main__":
+    main()
