@@ -322,12 +322,14 @@ class GenICamSource(FrameSource):
         if thread is None or camera is None:
             return
         camera.acquiring = False
+        teardown = thread.submit(camera.teardown)  # runs even if the thread comes back late
+        thread.stop()
         try:
-            await self._await(thread.submit(camera.teardown), "closing the device", self.close_timeout_s)
-            thread.stop()
+            if self._hung is not None:  # it is stuck already: waiting longer helps nobody
+                raise GenICamError(self._hung)
+            await self._await(teardown, "closing the device", self.close_timeout_s)
             await self._await(thread.exited, "the driver thread's exit", self.close_timeout_s)
         except GenICamError as exc:
-            thread.stop()
             log.error("%s; abandoning the thread of camera %s", exc, self.camera_view)
         self._frames.put_nowait(None)
 

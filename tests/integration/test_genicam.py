@@ -202,6 +202,23 @@ async def test_a_hung_driver_call_never_blocks_the_loop_and_close_is_bounded() -
         assert len(await take(source, 1)) == 1
 
 
+async def test_a_trigger_the_driver_never_answers_takes_the_source_offline(tlsimu: Path) -> None:
+    source = GenICamSource(GenICamConfig(cti=tlsimu, triggered=True, fetch_timeout_s=0.3), "side")
+    await source.open()
+    thread = source._thread
+    assert thread is not None
+    release = threading.Event()
+    thread.submit(release.wait)  # as if the producer hung inside a C call
+    with pytest.raises(GenICamError, match=r"TriggerSoftware did not return within 0\.35 s"):
+        await source.trigger()
+    assert not source.online
+    started = time.monotonic()
+    await source.close()  # known to be stuck: close does not wait again
+    assert time.monotonic() - started < 0.2
+    release.set()  # the old thread then releases the producer for the next test
+    await asyncio.wait_for(asyncio.wrap_future(thread.exited), 5.0)
+
+
 def test_conversion_to_rgb_drops_alpha_swaps_bgr_and_line_padding() -> None:
     pixels = np.arange(2 * 3 * 4, dtype=np.uint8)
     rgba = to_image(pixels, 3, 2, "RGBa8")
