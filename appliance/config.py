@@ -145,6 +145,40 @@ class ApiConfig(Strict):
     port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API (0 = any free).")
 
 
+class OpcUaUser(Strict):
+    name: str = Field(min_length=1, max_length=64, description="User name the PLC/SCADA client logs in with.")
+    role: Literal["reader", "operator"] = Field(
+        description="reader: browse, read, subscribe; operator: also trigger and write part inputs.")
+    password_env: str | None = Field(
+        default=None, description="Environment variable holding the password (never the password itself).")
+    password_credential: str | None = Field(
+        default=None, description="systemd credential name ($CREDENTIALS_DIRECTORY/<name>) holding it.")
+
+
+class OpcUaConfig(Strict):
+    enabled: bool = Field(default=True, description="Serve OPC UA.")
+    host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 for the plant network).")
+    port: int = Field(default=4840, ge=1, le=65535, description="OPC UA port (4840 is the standard one).")
+    users: list[OpcUaUser] = Field(
+        default_factory=list,
+        description="Users and roles. APPLIANCE_OPCUA_USER/APPLIANCE_OPCUA_PASSWORD add an operator.")
+    insecure_commissioning: bool = Field(
+        default=False,
+        description="DANGER: also open a None-security endpoint with anonymous read access, for "
+                    "commissioning only. Logged loudly at every start.")
+
+
+class ModbusConfig(Strict):
+    enabled: bool = Field(default=True, description="Serve Modbus TCP.")
+    host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 for the plant network).")
+    port: int = Field(default=502, ge=1, le=65535, description="Modbus TCP port (502 is the standard one).")
+    unit_id: int = Field(default=1, ge=0, le=247, description="Unit (slave) id the appliance answers as.")
+    word_order: Literal["big", "little"] = Field(
+        default="big", description="32-bit values: 'big' = high word first (Modicon), 'little' = low first.")
+    max_connections: int = Field(default=8, ge=1, le=256, description="Further TCP clients are refused.")
+    idle_timeout_s: float = Field(default=60, gt=0, le=3600, description="Close a silent connection after.")
+
+
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     format: Literal["console", "json"] = Field(default="console", description="json for journald/Loki.")
@@ -160,6 +194,8 @@ class AppConfig(Strict):
     disposition: DispositionConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    opcua: OpcUaConfig = Field(default_factory=lambda: OpcUaConfig(enabled=False))
+    modbus: ModbusConfig = Field(default_factory=lambda: ModbusConfig(enabled=False))
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def resolve(self, path: Path) -> Path:

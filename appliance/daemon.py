@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from appliance.archive import ImageArchive
-from appliance.camera.base import Frame, FrameSource
+from appliance.camera.base import Frame, FrameSource, TriggerNotSupported
 from appliance.config import AppConfig
 from appliance.disposition import IMAGE_ERROR, Disposer
 from appliance.errors import UserError
@@ -36,6 +36,39 @@ log = logging.getLogger(__name__)
 
 Publisher = Callable[[PartResult], Awaitable[None]]
 LATENCY_WINDOW = 2048
+
+
+class LineHalted(RuntimeError):
+    """The line is halted (vision state machine); a trigger is refused until Reset."""
+
+
+class FrameDropped(RuntimeError):
+    """The triggered frame was dropped because the classifier queue was full."""
+
+
+class PlcEndpoint(Protocol):
+    """A PLC-facing server (OPC UA, Modbus) living in the daemon's loop."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Bind and serve; raise UserError (port taken, bad settings) after undoing a half start."""
+
+    async def stop(self) -> None:
+        """Stop serving; idempotent."""
+
+    async def publish(self, result: PartResult) -> None:
+        """Called once per result, in sequence order, after the result is durable."""
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One trigger: the part data the PLC sent with it, and the future of its result."""
+
+    part_id: str | None
+    batch: str | None
+    process_values: dict[str, float]
+    result: asyncio.Future[PartResult]
 
 
 @dataclass(slots=True)
@@ -80,6 +113,19 @@ class LineStats:
         }
 
 
+def make_endpoints(config: AppConfig, daemon: Daemon) -> list[PlcEndpoint]:
+    endpoints: list[PlcEndpoint] = []
+    if config.opcua.enabled:
+        from appliance.plc.opcua import OpcUaEndpoint
+
+        endpoints.append(OpcUaEndpoint(config.opcua, daemon))
+    if config.modbus.enabled:
+        from appliance.plc.modbus import ModbusEndpoint
+
+        endpoints.append(ModbusEndpoint(config.modbus, daemon))
+    return endpoints
+
+
 def make_source(config: AppConfig) -> FrameSource:
     cam = config.camera
     if cam.source == "replay":
@@ -106,6 +152,9 @@ class Daemon:
         self.context = PartContext(batch=config.line.batch)
         self.stats = LineStats()
         self.publishers: list[Publisher] = []
+        self.endpoints: list[PlcEndpoint] = make_endpoints(config, self)
+        self.halted = False
+        self._tickets: deque[Ticket] = deque()
         self.classifier: Classifier | None = None
         self.latest: PartResult | None = None
         self.running = False
@@ -118,6 +167,7 @@ class Daemon:
         self._api: Any = None
         self._result_event = asyncio.Condition()
         self._started = False
+        self._started_endpoints: list[PlcEndpoint] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -133,6 +183,10 @@ class Daemon:
 
             self._api = ApiServer(self)
             self.api_port = await self._api.start(self.config.api.host, self.config.api.port)
+            for endpoint in self.endpoints:
+                await endpoint.start()
+                self._started_endpoints.append(endpoint)
+                self.publishers.append(endpoint.publish)
             self._tasks.append(asyncio.create_task(self._judge_loop(), name="judge"))
             await self.source.open()
             self._tasks.append(asyncio.create_task(self._acquire_loop(), name="acquire"))
@@ -173,6 +227,14 @@ class Daemon:
             await self._queue.put(None)
             await asyncio.gather(*judge, return_exceptions=True)
         self._tasks.clear()
+        for ticket in self._tickets:
+            if not ticket.result.done():
+                ticket.result.cancel()
+        self._tickets.clear()
+        for endpoint in reversed(self._started_endpoints):
+            with contextlib.suppress(Exception):
+                await endpoint.stop()
+        self._started_endpoints.clear()
         if self._api is not None:
             await self._api.stop()
             self._api = None
@@ -196,15 +258,53 @@ class Daemon:
         self._stop.set()
 
     # -- PLC-facing controls ---------------------------------------------------------------------
+    @property
+    def state(self) -> Literal["preoperational", "operational", "halted", "error"]:
+        """The vision system state (OPC 40100): what a PLC should believe about the station."""
+        if not self.running:
+            return "preoperational"
+        if self.halted:
+            return "halted"
+        if not self.source.online or self.stats.store_errors:
+            return "error"
+        return "operational"
+
     async def trigger(self, part_id: str | None = None, batch: str | None = None,
-                      process_values: dict[str, float] | None = None) -> None:
+                      process_values: dict[str, float] | None = None) -> asyncio.Future[PartResult]:
+        """Acquire one part now; returns the future of that part's published result.
+
+        Raises LineHalted while halted, TriggerNotSupported when the camera runs free.
+        """
+        if self.halted:
+            raise LineHalted("the line is halted; Reset it first")
         if batch is not None:
             self.context.batch = batch
-        if part_id is not None:
-            self.context.part_id = part_id
-        if process_values:
-            self.context.process_values = dict(process_values)
-        await self.source.trigger()
+        ticket = Ticket(part_id, self.context.batch, dict(process_values or {}),
+                        asyncio.get_running_loop().create_future())
+        self._tickets.append(ticket)
+        try:
+            await self.source.trigger()
+        except BaseException:
+            self._tickets.remove(ticket)
+            raise
+        return ticket.result
+
+    async def set_continuous(self, on: bool) -> None:
+        """Free-running acquisition (True) or one part per trigger (False)."""
+        if on and self.halted:
+            raise LineHalted("the line is halted; Reset it first")
+        await self.source.set_continuous(on)
+
+    async def halt(self) -> None:
+        """Stop acquiring (vision state Halted); parts already acquired are still judged and stored."""
+        self.halted = True
+        with contextlib.suppress(TriggerNotSupported):
+            await self.source.set_continuous(False)
+
+    async def reset(self) -> None:
+        """Leave Halted/Error: clear the error counters; acquisition stays stopped until started."""
+        self.halted = False
+        self.stats.store_errors = 0
 
     async def wait_for_results(self, count: int, timeout: float) -> None:
         """Wait until ``count`` parts have been judged and stored (tests, demo)."""
@@ -216,10 +316,17 @@ class Daemon:
     async def _acquire_loop(self) -> None:
         async for frame in self.source.frames():
             self.stats.frames += 1
-            frame.meta["context"] = self.context.take()  # the PLC's part data belongs to this frame
+            ticket = self._tickets.popleft() if self._tickets else None
+            if ticket is not None:
+                frame.meta["ticket"] = ticket
+                frame.meta["context"] = (ticket.batch, ticket.part_id, ticket.process_values)
+            else:  # free-running: the PLC's last written part data belongs to this frame
+                frame.meta["context"] = self.context.take()
             try:
                 self._queue.put_nowait(frame)
             except asyncio.QueueFull:
+                if ticket is not None:
+                    ticket.result.set_exception(FrameDropped("classifier queue full"))
                 self.stats.dropped += 1
                 if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
                     log.warning("classifier busy: %d frames dropped so far", self.stats.dropped)
@@ -291,6 +398,9 @@ class Daemon:
                 await publish(result)
             except Exception:  # one broken publisher must not stop the line or the others
                 log.exception("publisher %s failed for result %s", publish, result.result_id)
+        ticket = frame.meta.get("ticket")
+        if ticket is not None and not ticket.result.done():
+            ticket.result.set_result(result)
         async with self._result_event:
             self._result_event.notify_all()
 
@@ -305,6 +415,7 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         return {
             "status": "running" if self.running else "stopped",
+            "state": self.state,
             "line_id": self.config.line.line_id, "asset_id": self.config.line.asset_id,
             "camera": {"view": self.config.camera.view, "source": self.config.camera.source,
                        "online": self.source.online, "finished": self.source_done},

@@ -70,6 +70,10 @@ class FrameSource(abc.ABC):
         """Ask for one frame now (triggered sources only)."""
         raise TriggerNotSupported(f"{type(self).__name__} runs free and takes no trigger")
 
+    async def set_continuous(self, on: bool) -> None:
+        """Switch between free-running and triggered acquisition at run time, where supported."""
+        raise TriggerNotSupported(f"{type(self).__name__} cannot switch its acquisition mode at run time")
+
     @property
     def online(self) -> bool:
         """Whether the source is currently delivering (or able to deliver) frames."""

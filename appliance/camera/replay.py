@@ -49,6 +49,8 @@ class ReplaySource(FrameSource):
         self._triggers: asyncio.Queue[None] = asyncio.Queue()
         self._reader: ThreadPoolExecutor | None = None
         self._closed = asyncio.Event()
+        self._mode_changed = asyncio.Event()
+        self.continuous = not config.triggered
         self.frames_emitted = 0
 
     async def open(self) -> None:
@@ -63,9 +65,14 @@ class ReplaySource(FrameSource):
             self._reader = None
 
     async def trigger(self) -> None:
-        if not self.config.triggered:
+        if self.continuous:
             await super().trigger()
         self._triggers.put_nowait(None)
+
+    async def set_continuous(self, on: bool) -> None:
+        if on != self.continuous:
+            self.continuous = on
+            self._mode_changed.set()
 
     async def frames(self) -> AsyncIterator[Frame]:
         loop = asyncio.get_running_loop()
@@ -77,8 +84,10 @@ class ReplaySource(FrameSource):
                 if not self.config.loop:
                     return
                 index = 0
-            if self.config.triggered:
-                await self._triggers.get()
+            if not self.continuous:
+                if not await self._next_trigger():
+                    continue  # switched to continuous while waiting
+                next_ns = time.perf_counter_ns()
             else:
                 delay = (next_ns - time.perf_counter_ns()) / 1e9
                 if delay > 0:
@@ -90,6 +99,23 @@ class ReplaySource(FrameSource):
             assert self._reader is not None
             yield await loop.run_in_executor(self._reader, self._read, path, labels)
             self.frames_emitted += 1
+
+    async def _next_trigger(self) -> bool:
+        """Wait for a trigger; False if the mode changed to continuous (or closed) meanwhile."""
+        self._mode_changed.clear()
+        if not self._triggers.empty():
+            self._triggers.get_nowait()
+            return True
+        got = asyncio.ensure_future(self._triggers.get())
+        changed = asyncio.ensure_future(self._mode_changed.wait())
+        closed = asyncio.ensure_future(self._closed.wait())
+        await asyncio.wait({got, changed, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (changed, closed):
+            waiter.cancel()
+        if got.done():
+            return True
+        got.cancel()
+        return False
 
     def _read(self, path: Path, labels: dict[str, str]) -> Frame:
         acquired_at, acquired_ns = datetime.now(UTC), time.perf_counter_ns()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -152,3 +153,36 @@ def test_stop_mid_run_loses_no_result(tmp_path: Path, line_config, state_dir, ho
     assert seqs == list(range(1, len(rows) + 1)), "no gap and no duplicate in the sequence"
     assert len({rid for _, rid in rows}) == len(rows)
     assert os.path.exists(state_dir / "results.duckdb")
+
+
+async def test_triggered_parts_carry_plc_data_into_the_store(tmp_path: Path, line_config) -> None:
+    from appliance.daemon import LineHalted
+
+    images = tmp_path / "images"
+    write_grade_images(images, GRADES)
+    cfg = line_config(images, camera={"view": "top", "source": "replay",
+                                      "replay": {"path": str(images), "triggered": True}})
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        first = await daemon.trigger(part_id="SN-1001", batch="LOT-42", process_values={"temp_c": 71.5})
+        result = await asyncio.wait_for(first, 10)
+        second = await asyncio.wait_for(await daemon.trigger(part_id="SN-1002"), 10)
+        await asyncio.sleep(0.3)
+        assert daemon.stats.judged == 2, "no frame without a trigger"
+        await daemon.halt()
+        assert daemon.state == "halted"
+        with pytest.raises(LineHalted):
+            await daemon.trigger(part_id="SN-1003")
+        await daemon.reset()
+        await daemon.set_continuous(True)
+        await daemon.wait_for_results(5, timeout=10)
+        daemon.store.flush()
+        stored = daemon.store.get(result.result_id)
+    finally:
+        await daemon.stop()
+    assert (result.part_id, result.batch, result.process_values) == ("SN-1001", "LOT-42", {"temp_c": 71.5})
+    assert (second.part_id, second.batch, second.process_values) == ("SN-1002", "LOT-42", {})
+    assert stored is not None
+    assert (stored["part_id"], stored["batch"], stored["process_values"]) == ("SN-1001", "LOT-42",
+                                                                               {"temp_c": 71.5})
