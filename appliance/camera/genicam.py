@@ -118,6 +118,7 @@ class _Camera:
         self.ia: Any = None
         self.serial = ""
         self.acquiring = self.stalled = False
+        self.continuous = not config.triggered
         self.failure: str | None = None
         self._chunk_features: list[str] = []
         self._pending: deque[float] = deque()  # monotonic times of triggers still waiting for a frame
@@ -171,15 +172,20 @@ class _Camera:
             if node_map.has_node("AcquisitionFrameRateEnable"):
                 self._set(node_map, "AcquisitionFrameRateEnable", True, "frame_rate")
             self._set(node_map, "AcquisitionFrameRate", cfg.frame_rate, "frame_rate")
-        if cfg.triggered:
+        if cfg.triggered or (node_map.has_node("TriggerMode") and _can(node_map.TriggerMode, "WO")):
+            self._trigger_mode(node_map, cfg.triggered)  # Off too: a camera keeps what the last user set
+
+    def _trigger_mode(self, node_map: Any, on: bool) -> None:
+        if on:
             if node_map.has_node("TriggerSelector") and "FrameStart" in node_map.TriggerSelector.symbolics:
                 self._set(node_map, "TriggerSelector", "FrameStart", "triggered")
             self._set(node_map, "TriggerMode", "On", "triggered")
             self._set(node_map, "TriggerSource", "Software", "triggered")
             if not node_map.has_node("TriggerSoftware"):
                 raise UserError(f"camera.genicam.triggered: device {self.serial} has no TriggerSoftware")
-        elif node_map.has_node("TriggerMode") and _can(node_map.TriggerMode, "WO"):
-            self._set(node_map, "TriggerMode", "Off", "triggered")  # a camera keeps what the last user set
+        else:
+            self._set(node_map, "TriggerMode", "Off", "triggered")
+        self.continuous = not on
 
     def _set(self, node_map: Any, name: str, value: Any, key: str) -> None:
         if not node_map.has_node(name):
@@ -197,9 +203,22 @@ class _Camera:
         self.ia.remote_device.node_map.TriggerSoftware.execute()
         self._pending.append(time.monotonic())
 
+    def set_continuous(self, on: bool) -> None:
+        """Switch the trigger mode with acquisition stopped, which every camera accepts."""
+        node_map = self.ia.remote_device.node_map
+        if not all(node_map.has_node(name) for name in ("TriggerMode", "TriggerSoftware")):
+            raise TriggerNotSupported(f"camera {self.serial} has no software trigger; it can only run free")
+        self.ia.stop()
+        try:
+            self._trigger_mode(node_map, not on)
+        finally:
+            self.ia.start()
+            self._pending.clear()
+            self.stalled, self._last_frame = False, time.monotonic()
+
     def fetch_once(self) -> bool:
         """Wait up to one poll for a frame and post it; False: nothing to wait for until a call."""
-        if not self.acquiring or (self.config.triggered and not self._pending):
+        if not self.acquiring or (not self.continuous and not self._pending):
             return False
         try:
             buffer = self.ia.fetch(timeout=_POLL_S)
@@ -246,7 +265,7 @@ class _Camera:
         now, limit = time.monotonic(), self.config.fetch_timeout_s
         if self._pending and now - self._pending[0] > limit:
             self._deliver(self._error_frame(f"no frame within {limit:g} s of the trigger"))
-        elif not self.config.triggered and not self.stalled and now - self._last_frame > limit:
+        elif self.continuous and not self.stalled and now - self._last_frame > limit:
             self.stalled = True
             log.warning("GenICam camera %s delivered no frame for %g s", self.serial, limit)
 
@@ -340,11 +359,21 @@ class GenICamSource(FrameSource):
             raise GenICamError(self._failure)
 
     async def trigger(self) -> None:
-        if not self.config.triggered:
-            raise TriggerNotSupported("camera.genicam.triggered is false: the camera runs free")
-        if not self.online or self._camera is None:
+        camera = self._camera
+        if camera is not None and camera.continuous:
+            raise TriggerNotSupported(f"camera {self.camera_view} runs free (camera.genicam.triggered is "
+                                      "false, or set_continuous(True) was called)")
+        if not self.online or camera is None:
             raise GenICamError(f"camera {self.camera_view} is not acquiring; cannot trigger")
-        await self._call(self._camera.trigger, "TriggerSoftware", self.config.fetch_timeout_s + _POLL_S)
+        await self._call(camera.trigger, "TriggerSoftware", self.config.fetch_timeout_s + _POLL_S)
+
+    async def set_continuous(self, on: bool) -> None:
+        """Free-run (True) or one frame per trigger() (False), without reopening the device."""
+        camera = self._camera
+        if not self.online or camera is None:
+            raise GenICamError(f"camera {self.camera_view} is not acquiring; cannot switch its mode")
+        if on != camera.continuous:
+            await self._call(lambda: camera.set_continuous(on), "switching TriggerMode", self.open_timeout_s)
 
     async def _call(self, fn: Callable[[], Any], what: str, timeout: float) -> Any:
         if self._thread is None:

@@ -44,6 +44,12 @@ async def drain(frames: AsyncIterator[Frame]) -> list[Frame]:
     return [frame async for frame in frames]
 
 
+async def drain_queued(source: GenICamSource) -> None:
+    """Take whatever frames are already waiting (a frame arrives well within 0.1 s when one is queued)."""
+    while not await nothing_within(source, 0.1):
+        pass
+
+
 async def nothing_within(source: GenICamSource, seconds: float) -> bool:
     try:
         await asyncio.wait_for(anext(source.frames()), seconds)
@@ -146,6 +152,29 @@ async def test_triggered_colour_device_delivers_rgb(tlsimu: Path) -> None:
         (frame,) = await take(source, 1)
     assert frame.image is not None and frame.image.shape == (32, 64, 3)
     assert frame.meta["pixel_format"] == "RGB8"
+
+
+async def test_the_mode_switches_between_free_running_and_triggered(tlsimu: Path) -> None:
+    config = GenICamConfig(cti=tlsimu, roi=RoiConfig(width=64, height=32))
+    async with GenICamSource(config, "side") as source:
+        assert len(await take(source, 3)) == 3  # runs free as configured
+        with pytest.raises(TriggerNotSupported):
+            await source.trigger()
+        await source.set_continuous(False)
+        await asyncio.wait_for(drain_queued(source), 1.0)  # frames acquired before the switch
+        assert await nothing_within(source, 0.3)
+        await source.trigger()
+        (frame,) = await take(source, 1)
+        assert frame.image is not None and await nothing_within(source, 0.3)
+        await source.set_continuous(True)
+        assert len(await take(source, 3)) == 3
+
+
+async def test_a_device_without_trigger_cannot_leave_free_running() -> None:
+    async with viky() as source:
+        with pytest.raises(TriggerNotSupported, match="no software trigger"):
+            await source.set_continuous(False)
+        assert source.online and len(await take(source, 1)) == 1
 
 
 async def test_a_device_without_a_frame_rate_feature_says_so(tlsimu: Path) -> None:
