@@ -145,6 +145,13 @@ class ApiConfig(Strict):
     port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API (0 = any free).")
 
 
+class PlcReportConfig(Strict):
+    """How model heads map onto the fields a PLC reads (codes are class index + 1; 0 = none)."""
+
+    type_head: str | None = Field(default=None, description="Head reported as the defect type.")
+    severity_head: str | None = Field(default=None, description="Head reported as the severity grade.")
+
+
 class OpcUaUser(Strict):
     name: str = Field(min_length=1, max_length=64, description="User name the PLC/SCADA client logs in with.")
     role: Literal["reader", "operator"] = Field(
@@ -194,6 +201,7 @@ class AppConfig(Strict):
     disposition: DispositionConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    plc: PlcReportConfig = Field(default_factory=PlcReportConfig)
     opcua: OpcUaConfig = Field(default_factory=lambda: OpcUaConfig(enabled=False))
     modbus: ModbusConfig = Field(default_factory=lambda: ModbusConfig(enabled=False))
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
