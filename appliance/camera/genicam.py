@@ -245,11 +245,12 @@ class _Camera:
         frame_id = _info(buffer, "frame_id")
         meta: dict[str, Any] = {"frame_id": frame_id, "timestamp": buffer.timestamp, "device": self.serial}
         ref = f"{self.serial}#{frame_id}"
-        try:
+        with contextlib.suppress(*DRIVER_ERRORS):  # chunk data is a bonus; the image matters
             node_map = self.ia.remote_device.node_map  # this buffer's chunk data is attached to it
             features = [getattr(node_map, name) for name in self._chunk_features]
             if chunk := {f.node.name: f.value for f in features if _can(f, "RO")}:
                 meta["chunk"] = chunk
+        try:
             component = buffer.payload.components[0]
             meta["pixel_format"] = component.data_format
             image = to_image(component.data, component.width, component.height, component.data_format)
@@ -288,7 +289,8 @@ class _Camera:
         """Undo open in reverse order; every step runs even if an earlier one fails."""
         self.acquiring = False
         ia, harvester, self.ia, self.harvester = self.ia, self.harvester, None, None
-        steps = ([ia.stop, ia.destroy] if ia is not None else []) + ([harvester.reset] if harvester else [])
+        steps = [ia.stop, ia.destroy] if ia is not None else []
+        steps += [harvester.reset] if harvester is not None else []
         for step in steps:
             try:
                 step()
