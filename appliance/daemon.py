@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Publisher = Callable[[PartResult], Awaitable[None]]
 LATENCY_WINDOW = 2048
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
 
 
 class LineHalted(RuntimeError):
@@ -90,6 +92,7 @@ class LineStats:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     frames: int = 0
     dropped: int = 0
+    discarded_halted: int = 0
     judged: int = 0
     failed: int = 0
     store_errors: int = 0
@@ -106,7 +109,8 @@ class LineStats:
                     "p99": round(float(np.percentile(arr, 99)), 3)}
 
         return {
-            "frames": self.frames, "dropped": self.dropped, "judged": self.judged,
+            "frames": self.frames, "dropped": self.dropped, "discarded_halted": self.discarded_halted,
+            "judged": self.judged,
             "failed": self.failed, "store_errors": self.store_errors,
             "dispositions": dict(self.dispositions),
             "decided_latency_ms": pct(self.latency_ms), "stored_latency_ms": pct(self.stored_ms),
@@ -314,8 +318,34 @@ class Daemon:
 
     # -- the pipeline ----------------------------------------------------------------------------
     async def _acquire_loop(self) -> None:
+        """Feed the queue; if the camera's stream fails, reopen it with a capped backoff."""
+        backoff = RECONNECT_MIN_S
+        while True:
+            try:
+                await self._acquire()
+                break  # a finite source (replay without loop) has finished
+            except (RuntimeError, OSError) as exc:
+                log.error("camera '%s' failed (%s); reconnecting in %.0f s", self.config.camera.view,
+                          exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RECONNECT_MAX_S)
+            with contextlib.suppress(Exception):
+                await self.source.close()
+            try:
+                await self.source.open()
+                log.info("camera '%s' reconnected", self.config.camera.view)
+                backoff = RECONNECT_MIN_S
+            except (UserError, RuntimeError, OSError) as exc:
+                log.debug("camera '%s' still unavailable: %s", self.config.camera.view, exc)
+        self.source_done = True
+        log.info("camera source finished after %d frames", self.stats.frames)
+
+    async def _acquire(self) -> None:
         async for frame in self.source.frames():
             self.stats.frames += 1
+            if self.halted and not self._tickets:
+                self.stats.discarded_halted += 1  # a free-running camera keeps sending while halted
+                continue
             ticket = self._tickets.popleft() if self._tickets else None
             if ticket is not None:
                 frame.meta["ticket"] = ticket
@@ -330,8 +360,6 @@ class Daemon:
                 self.stats.dropped += 1
                 if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
                     log.warning("classifier busy: %d frames dropped so far", self.stats.dropped)
-        self.source_done = True
-        log.info("camera source finished after %d frames", self.stats.frames)
 
     async def _judge_loop(self) -> None:
         loop = asyncio.get_running_loop()
