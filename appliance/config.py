@@ -184,6 +184,9 @@ class ModbusConfig(Strict):
         default="big", description="32-bit values: 'big' = high word first (Modicon), 'little' = low first.")
     max_connections: int = Field(default=8, ge=1, le=256, description="Further TCP clients are refused.")
     idle_timeout_s: float = Field(default=60, gt=0, le=3600, description="Close a silent connection after.")
+    register_map: Path | None = Field(
+        default=None, description="Register map YAML (relative to state_dir); the shipped "
+                                  "configs/modbus_map.yaml if absent. Validated at start.")
 
 
 class LoggingConfig(Strict):
