@@ -1,0 +1,145 @@
+"""The Modbus register map: the shipped file, what a bad map is told, the value codec, access rules."""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from appliance.plc.modbus import RegisterImage
+from appliance.plc.modbus_map import (
+    REQUIRED,
+    MapError,
+    decode,
+    default_map_path,
+    encode,
+    load_register_map,
+    markdown_table,
+)
+from appliance.plc.modbus_wire import ModbusError
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "plc-modbus.md"
+SHIPPED = default_map_path().read_text()
+
+
+def bad_map(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "map.yaml"
+    path.write_text(text)
+    return path
+
+
+def replace_entry(name: str, **fields: object) -> str:
+    """The shipped map with fields of entry ``name`` replaced (or added)."""
+    lines = SHIPPED.splitlines()
+    start = lines.index(f"  - name: {name}")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("  - ")), len(lines))
+    body = [ln for ln in lines[start + 1:end] if ln.split(":")[0].strip() not in fields]
+    body += [f"    {k}: {v}" for k, v in fields.items()]
+    return "\n".join([*lines[:start + 1], *body, *lines[end:]]) + "\n"
+
+
+def test_the_shipped_map_loads_and_binds_every_name() -> None:
+    regmap = load_register_map(None, "big")
+    assert set(REQUIRED) <= {e.name for e in regmap.entries}
+    assert [e.name for e in regmap.process_values] == [f"process_value_{i}" for i in range(1, 5)]
+    block = [regmap[n] for n in ("result_sequence", "disposition_code", "result_part_id", "result_batch")]
+    assert max(e.end for e in block) - min(e.address for e in block) <= 125, "one FC 3 reads the block"
+    assert regmap.enums["disposition"] == {"none": 0, "pass": 1, "rework": 2, "reject": 3, "hold": 4}
+
+
+def test_the_docs_carry_exactly_the_table_of_the_map() -> None:
+    assert markdown_table(load_register_map(None, "big")) in DOCS.read_text()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (SHIPPED.replace("    address: 13\n", "    address: 12\n"),
+     r"map.yaml:\d+: registers\[\d+\] \(defect_type_code\) at holding_register 12..12 overlaps "
+     r"registers\[\d+\] \(disposition_code\)"),
+    (replace_entry("heartbeat", type="int16"), r"\(heartbeat\): the appliance needs heartbeat as uint16"),
+    (replace_entry("process_value_1", process_value="false"), r"\(process_value_1\): unknown name"),
+    (replace_entry("result_part_id", length="null"), r"\(result_part_id\): strings need 'length'"),
+    (replace_entry("result_sequence", word_order="null"), r"\(result_sequence\): 32-bit types need"),
+    (replace_entry("busy", access="rw"), r"\(busy\): access rw is impossible in table discrete_input"),
+    (replace_entry("halted", bit=0), r"\(halted\): bit 0 already used by registers\[0\] \(ready\)"),
+    (replace_entry("disposition_code", enum="colours"), r"enum 'colours' is not defined"),
+    (replace_entry("process_value_2", type="string", length=2),
+     r"\(process_value_2\): a process value must be a writable \(rw\) numeric"),
+    (SHIPPED.replace("  - name: process_value_3\n", "  - name: process_value_4\n"),
+     r"\(process_value_4\): name already used by registers"),
+    (SHIPPED.replace("{none: 0, pass: 1, rework: 2, reject: 3, hold: 4}", "{none: 0, pass: 1, hold: 1}"),
+     r"enums.disposition lacks rework, reject[\s\S]*enums.disposition: codes must be distinct"),
+    (re.sub(r"  - name: heartbeat\n(    .*\n)+", "", SHIPPED), r"registers: missing heartbeat"),
+    (replace_entry("reset", address=-3), r"map.yaml:\d+: registers\[\d+\] \(reset\)\.address: .*"
+                                         r"greater than or equal to 0 \(got -3\)"),
+    (replace_entry("trigger", colour="red"), r"registers\[\d+\] \(trigger\)\.colour: unknown key"),
+    ("version: 1\nregisters: [\n", r"map.yaml:\d+: invalid YAML"),
+])
+def test_a_bad_map_is_refused_naming_file_line_and_entry(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(MapError, match=message):
+        load_register_map(bad_map(tmp_path, text), "big")
+
+
+def test_a_missing_map_file_says_which_setting_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(MapError, match=r"does not exist.*modbus\.register_map"):
+        load_register_map(tmp_path / "nope.yaml", "big")
+
+
+def test_32_bit_values_honour_the_word_order() -> None:
+    regmap = load_register_map(None, "little")
+    seq, pv = regmap["result_sequence"], regmap["process_value_1"]
+    assert encode(seq, 0x12345678, "big") == [0x1234, 0x5678]
+    assert encode(seq, 0x12345678, "little") == [0x5678, 0x1234]
+    assert regmap.encode(seq, 0x12345678) == [0x5678, 0x1234]  # word_order: config follows the line
+    assert encode(pv, 1.5, "big") == [0x3FC0, 0x0000]
+    for order in ("big", "little"):
+        for value in (0.0, -1234.5, 3.25e-7, 1e30):
+            as_float32 = struct.unpack(">f", struct.pack(">f", value))[0]
+            assert decode(pv, encode(pv, value, order), order) == as_float32
+        assert decode(seq, encode(seq, 4_000_000_000, order), order) == 4_000_000_000
+    pinned = seq.model_copy(update={"word_order": "big"})
+    assert regmap.encode(pinned, 1) == [0, 1], "an explicit order in the map wins over the config"
+
+
+def test_strings_are_ascii_two_characters_per_register() -> None:
+    part = load_register_map(None, "big")["part_id"]
+    regs = encode(part, "AB-12")
+    assert regs[:4] == [0x4142, 0x2D31, 0x3200, 0] and len(regs) == 16
+    assert decode(part, regs) == "AB-12"
+    assert decode(part, encode(part, "X" * 40)) == "X" * 32, "longer text is cut to the field"
+    assert decode(part, [0x4142, 0x2020] + [0] * 14) == "AB", "trailing spaces (S7 padding) are dropped"
+    with pytest.raises(ValueError, match="printable ASCII"):
+        decode(part, [0x41C3, 0xA900] + [0] * 14)
+    with pytest.raises(ValueError, match="NaN"):
+        decode(load_register_map(None, "big")["process_value_1"],
+               list(struct.unpack(">HH", struct.pack(">f", math.inf))))
+
+
+def test_the_register_image_enforces_the_access_rules() -> None:
+    image = RegisterImage(load_register_map(None, "big"))
+    hr = "holding_register"
+    for address, values, code in [
+        (0, [1], 2),                 # heartbeat is read only
+        (12, [1], 2),                # the result block too
+        (99, [0, 0], 2),             # 99 is not in the map
+        (133, [0x3FC0], 2),          # half a float32
+        (134, [0, 0], 2),            # straddles two float32 values
+        (140, [0, 0], 2),            # past the end of the map
+        (101, [0x41C3], 3),          # not ASCII
+        (133, list(struct.unpack(">HH", struct.pack(">f", math.nan))), 3),
+    ]:
+        with pytest.raises(ModbusError) as err:
+            image.write(hr, address, values)
+        assert err.value.code == code, (address, values)
+    assert image.read(hr, 0, 141) == [0] * 141, "a refused write stores nothing"
+    touched = image.write(hr, 101, [0x4142, 0, 0x4C4F, 0x5400])  # part_id "AB", ... then more part_id
+    assert [e.name for e in touched] == ["part_id"] and image.get("part_id") == "AB"
+    touched = image.write(hr, 131, [0, 0, 0x3FC0, 0])  # end of batch + process_value_1
+    assert [e.name for e in touched] == ["batch", "process_value_1"] and image.get("process_value_1") == 1.5
+    with pytest.raises(ModbusError) as err:
+        image.read(hr, 140, 2)
+    assert err.value.code == 2
+    with pytest.raises(ModbusError):
+        image.write("coil", 3, [1])
