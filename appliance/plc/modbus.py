@@ -206,20 +206,21 @@ class ModbusEndpoint:
     async def _run_trigger(self, part_id: str | None, batch: str | None, values: dict[str, float]) -> None:
         from appliance.daemon import FrameDropped, LineHalted
 
-        error = None
+        error, detail = None, ""
         try:
             future = await self.daemon.trigger(part_id=part_id, batch=batch, process_values=values)
             await asyncio.wait([future])
             if future.cancelled():
                 error = "stopped"
-            elif isinstance(future.exception(), FrameDropped):
-                error = "frame_dropped"
-            elif future.exception() is not None:
-                error = "stopped"
+            elif (exc := future.exception()) is not None:
+                error = "frame_dropped" if isinstance(exc, FrameDropped) else "camera_failed"
+                detail = str(exc)
         except LineHalted:
             error = "halted"
         except TriggerNotSupported:
             error = "not_triggerable"
+        except (RuntimeError, OSError) as exc:  # the camera refused the software trigger
+            error, detail = "camera_failed", str(exc)
         finally:
             self.pending -= 1
         if error in ("halted", "not_triggerable"):  # the inputs were not used: keep them for the next part
@@ -232,7 +233,8 @@ class ModbusEndpoint:
         assert self.image is not None
         self.trigger_failed = True
         self.image.set("trigger_error", self.image.map.code("trigger_error", error))
-        self._trigger_trouble.fail("modbus: trigger gave no result (%s)", error)
+        self._trigger_trouble.fail("modbus: trigger gave no result (%s%s)", error,
+                                   f": {detail}" if detail else "")
 
     def _control_bits(self) -> dict[str, bool]:
         assert self.image is not None

@@ -64,7 +64,7 @@ REQUIRED_ENUMS: dict[str, tuple[str, ...]] = {
     "disposition": ("none", "pass", "rework", "reject", "hold"),
     "vision_state": ("preoperational", "operational", "halted", "error"),
     "result_status": ("none", "ok", "failed"),
-    "trigger_error": ("none", "halted", "not_triggerable", "frame_dropped", "stopped"),
+    "trigger_error": ("none", "halted", "not_triggerable", "frame_dropped", "stopped", "camera_failed"),
 }
 
 

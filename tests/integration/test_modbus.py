@@ -251,6 +251,26 @@ async def test_trigger_on_a_halted_line_is_reported_and_reset_recovers(tmp_path:
     assert kept == "KEEP-ME", "inputs of a refused trigger wait for the next part"
 
 
+async def test_a_camera_that_refuses_the_trigger_is_reported(tmp_path: Path, line_config,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, port = triggered_line(tmp_path, line_config, ["0"])
+    daemon = Daemon(cfg)
+    await daemon.start()
+
+    async def broken_trigger() -> None:
+        raise OSError("GenTL: device lost")
+
+    try:
+        monkeypatch.setattr(daemon.source, "trigger", broken_trigger)
+        await mb_write(port, "-t", "0", "-r", "0", values=[1])
+        bits = await wait_status(port, "trigger_failed", True)
+        error = await mb_read(port, "-t", "4", "-r", "3")
+    finally:
+        await daemon.stop()
+    assert not bits["busy"] and bits["trigger_ack"] and not bits["result_valid"]
+    assert error == {3: 5}  # camera error
+
+
 # -- the wire: pipelining, exceptions, garbage, limits ---------------------------------------------
 
 async def test_pipelined_requests_in_one_segment_are_all_answered_in_order(
