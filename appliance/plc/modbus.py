@@ -59,11 +59,17 @@ class RegisterImage:
 
     def get(self, name: str) -> Value:
         e = self.map[name]
+        if e.type in ("bool", "uint16"):  # the hot path: status and control, read on every poll
+            raw = self.values[e.table][e.address]
+            return bool(raw) if e.type == "bool" else raw
         return self.map.decode(e, self.values[e.table][e.address:e.end])
 
     def set(self, name: str, value: Value) -> None:
         e = self.map[name]
-        self.values[e.table][e.address:e.end] = self.map.encode(e, value)
+        if e.type in ("bool", "uint16"):
+            self.values[e.table][e.address] = int(value) & 0xFFFF
+        else:
+            self.values[e.table][e.address:e.end] = self.map.encode(e, value)
 
     def read(self, table: str, address: int, count: int) -> list[int]:
         if address + count > len(self.values[table]):
@@ -254,9 +260,9 @@ class ModbusEndpoint:
         word = 0
         for name in STATUS_BITS:
             img.set(name, bits[name])
-            word |= int(bits[name]) << int(img.map[name].bit or 0)
+            word |= int(bits[name]) << (img.map[name].bit or 0)
         img.set("status_word", word)
-        img.set("control_word", sum(int(img.get(n)) << int(img.map[n].bit or 0) for n in CONTROL_BITS))
+        img.set("control_word", sum(int(img.get(n)) << (img.map[n].bit or 0) for n in CONTROL_BITS))
         img.set("vision_state", img.map.code("vision_state", state))
 
     async def _heartbeat(self) -> None:

@@ -114,9 +114,10 @@ class RegisterMap:
     enums: dict[str, dict[str, int]]
     word_order: WordOrder
     source: Path
+    by_name: dict[str, Entry]
 
     def __getitem__(self, name: str) -> Entry:
-        return next(e for e in self.entries if e.name == name)
+        return self.by_name[name]
 
     def table(self, table: str) -> list[Entry]:
         return sorted((e for e in self.entries if e.table == table), key=lambda e: e.address)
@@ -170,7 +171,8 @@ def load_register_map(path: Path | None, word_order: WordOrder) -> RegisterMap:
     problems += _map_problems(parsed, path, lines)
     if problems:
         raise MapError("invalid Modbus register map:\n" + "\n".join(problems))
-    return RegisterMap(tuple(parsed.registers), parsed.enums, word_order, path)
+    return RegisterMap(tuple(parsed.registers), parsed.enums, word_order, path,
+                       {e.name: e for e in parsed.registers})
 
 
 def _named(message: str, data: object) -> str:
