@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -185,9 +186,48 @@ def import_elpv_cmd(out: Annotated[Path, typer.Argument(help="Dataset folder to 
                f"{len(ds.split('test'))} test")
 
 
+users_app = typer.Typer(help="Users and roles (operator < engineer < admin) of the dashboard and API.",
+                        no_args_is_help=True)
+app.add_typer(users_app, name="user")
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Configuration (for state_dir).")]
+
+
+def _users(config: Path) -> Any:
+    from appliance.auth import UserStore
+
+    cfg = _user_errors(lambda: load_config(config))
+    return UserStore(cfg.state_dir / "users.json")
+
+
+@users_app.command("set")
+def user_set(name: str, role: Annotated[str, typer.Option(help="operator, engineer or admin")],
+             config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Create a user or change its role and password (asked for, or $APPLIANCE_PASSWORD)."""
+    password = os.environ.get("APPLIANCE_PASSWORD") or typer.prompt(
+        f"password for {name}", hide_input=True, confirmation_prompt=True)
+    store = _users(config)
+    _user_errors(lambda: store.set(name, role, password))
+    typer.echo(f"user {name}: {role}")
+
+
+@users_app.command("list")
+def user_list(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    for u in _users(config).list():
+        typer.echo(f"{u.name:<24} {u.role}")
+
+
+@users_app.command("remove")
+def user_remove(name: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    store = _users(config)
+    _user_errors(lambda: store.remove(name))
+    typer.echo(f"removed {name}")
+
+
 @app.command()
 def results(
     api: Annotated[str, typer.Option(help="The daemon's API base URL.")] = "http://127.0.0.1:8080",
+    user: Annotated[str | None, typer.Option(help="Log in as this user (password asked for); or set "
+                                                  "APPLIANCE_API_TOKEN.")] = None,
     disposition: str | None = None,
     batch: str | None = None,
     limit: int = 20,
@@ -198,7 +238,17 @@ def results(
     params = {k: v for k, v in {"disposition": disposition, "batch": batch, "limit": limit}.items()
               if v is not None}
     try:
-        resp = httpx.get(f"{api}/api/v1/results", params=params, timeout=10)
+        token = os.environ.get("APPLIANCE_API_TOKEN")
+        if user is not None:
+            password = os.environ.get("APPLIANCE_PASSWORD") or typer.prompt("password", hide_input=True)
+            login = httpx.post(f"{api}/api/v1/auth/token", json={"username": user, "password": password},
+                               timeout=10)
+            if login.status_code != 200:
+                typer.secho("error: log-in refused", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2)
+            token = login.json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        resp = httpx.get(f"{api}/api/v1/results", params=params, headers=headers, timeout=10)
     except httpx.HTTPError as exc:
         typer.secho(f"error: cannot reach the daemon at {api} ({exc})", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

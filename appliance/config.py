@@ -189,6 +189,12 @@ class ModbusConfig(Strict):
                                   "configs/modbus_map.yaml if absent. Validated at start.")
 
 
+class ReviewConfig(Strict):
+    two_person: bool = Field(
+        default=False,
+        description="A second person must verify a label before it counts for training.")
+
+
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(default="info")
     format: Literal["console", "json"] = Field(default="console", description="json for journald/Loki.")
@@ -204,6 +210,7 @@ class AppConfig(Strict):
     disposition: DispositionConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
     plc: PlcReportConfig = Field(default_factory=PlcReportConfig)
     opcua: OpcUaConfig = Field(default_factory=lambda: OpcUaConfig(enabled=False))
     modbus: ModbusConfig = Field(default_factory=lambda: ModbusConfig(enabled=False))

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from appliance.archive import ImageArchive
+from appliance.auth import TokenIssuer, UserStore
 from appliance.camera.base import Frame, FrameSource, TriggerNotSupported
 from appliance.config import AppConfig
 from appliance.disposition import IMAGE_ERROR, Disposer
@@ -152,6 +153,8 @@ class Daemon:
         self.store = Store(config.resolve(config.store.path), config.state_dir / "journal")
         self.archive = ImageArchive(config.resolve(config.store.archive_dir), config.store.retention)
         self.registry = ModelRegistry(config.models_dir)
+        self.users = UserStore(config.state_dir / "users.json")
+        self.tokens = TokenIssuer(config.state_dir / "api-secret")
         self.disposer = Disposer(config.disposition)
         self.context = PartContext(batch=config.line.batch)
         self.stats = LineStats()

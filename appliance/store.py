@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from appliance.errors import UserError
 from appliance.journal import Journal
-from appliance.result import PartResult
+from appliance.result import PartResult, new_result_id
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,26 @@ CREATE TABLE IF NOT EXISTS predictions (
     label         VARCHAR NOT NULL,
     confidence    DOUBLE NOT NULL,
     probs         DOUBLE[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS labels (
+    label_id      VARCHAR PRIMARY KEY,
+    result_id     VARCHAR NOT NULL,
+    head          VARCHAR NOT NULL,
+    label         VARCHAR NOT NULL,
+    labelled_by   VARCHAR NOT NULL,
+    labelled_at   TIMESTAMPTZ NOT NULL,
+    verified_by   VARCHAR,            -- second person, when two-person verification is on
+    verified_at   TIMESTAMPTZ,
+    superseded    BOOLEAN NOT NULL DEFAULT false,
+    comment       VARCHAR
+);
+CREATE TABLE IF NOT EXISTS audit (
+    logged_at TIMESTAMPTZ NOT NULL,
+    user_name VARCHAR NOT NULL,
+    role      VARCHAR NOT NULL,
+    action    VARCHAR NOT NULL,
+    target    VARCHAR,
+    detail    JSON
 );
 """
 
@@ -318,6 +338,116 @@ class Store:
                 {"head": head, "label": label, "confidence": confidence, "probs": probs,
                  "model_version": version}
             )
+
+    # -- review labels and the audit log (low volume: written straight to DuckDB) -------------
+    def add_labels(self, result_id: str, labels: dict[str, str], user: str, comment: str | None,
+                   verified: bool) -> list[str]:
+        """Store a person's labels for a result; earlier labels of the same heads are superseded.
+
+        ``verified`` is True when no second person is required; otherwise the labels wait for
+        :meth:`verify_label` by someone else before they count for training.
+        """
+        now = datetime.now(UTC)
+        ids = []
+        cur = self._cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            for head, label in labels.items():
+                cur.execute("UPDATE labels SET superseded = true WHERE result_id = ? AND head = ? "
+                            "AND NOT superseded", [result_id, head])
+                label_id = new_result_id()
+                cur.execute(
+                    "INSERT INTO labels (label_id, result_id, head, label, labelled_by, labelled_at, "
+                    "verified_by, verified_at, comment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [label_id, result_id, head, label, user, now, user if verified else None,
+                     now if verified else None, comment])
+                ids.append(label_id)
+            cur.execute("COMMIT")
+        except duckdb.Error:
+            cur.execute("ROLLBACK")
+            raise
+        finally:
+            cur.close()
+        return ids
+
+    def verify_label(self, label_id: str, user: str) -> dict[str, Any]:
+        """Second-person verification; the labeller cannot verify their own label."""
+        cur = self._cursor()
+        try:
+            row = cur.execute("SELECT labelled_by, verified_by, superseded FROM labels WHERE label_id = ?",
+                              [label_id]).fetchone()
+            if row is None:
+                raise LookupError(f"no label {label_id}")
+            labelled_by, verified_by, superseded = row
+            if superseded:
+                raise ValueError(f"label {label_id} was replaced by a newer label")
+            if verified_by is not None:
+                raise ValueError(f"label {label_id} is already verified by {verified_by}")
+            if labelled_by == user:
+                raise PermissionError("a second person must verify this label")
+            cur.execute("UPDATE labels SET verified_by = ?, verified_at = ? WHERE label_id = ?",
+                        [user, datetime.now(UTC), label_id])
+        finally:
+            cur.close()
+        return self.labels(label_id=label_id)[0]
+
+    def labels(self, *, result_id: str | None = None, label_id: str | None = None,
+               verified: bool | None = None, current_only: bool = True, limit: int = 10_000
+               ) -> list[dict[str, Any]]:
+        where, params = [], []
+        if result_id is not None:
+            where.append("result_id = ?")
+            params.append(result_id)
+        if label_id is not None:
+            where.append("label_id = ?")
+            params.append(label_id)
+        if verified is not None:
+            where.append("verified_by IS NOT NULL" if verified else "verified_by IS NULL")
+        if current_only:
+            where.append("NOT superseded")
+        sql = "SELECT * FROM labels" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += f" ORDER BY labelled_at DESC LIMIT {int(limit)}"
+        cur = self._cursor()
+        try:
+            cursor = cur.execute(sql, params)
+            columns = [d[0] for d in cursor.description]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            cur.close()
+
+    def audit(self, user: str, role: str, action: str, target: str | None, detail: dict[str, Any]) -> None:
+        cur = self._cursor()
+        try:
+            cur.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
+                        [datetime.now(UTC), user, role, action, target, json.dumps(detail, default=str)])
+        finally:
+            cur.close()
+
+    def audit_log(self, limit: int = 500) -> list[dict[str, Any]]:
+        cur = self._cursor()
+        try:
+            rows = cur.execute("SELECT logged_at, user_name, role, action, target, detail FROM audit "
+                               f"ORDER BY logged_at DESC LIMIT {int(limit)}").fetchall()
+        finally:
+            cur.close()
+        return [{"at": at, "user": u, "role": r, "action": a, "target": t, "detail": json.loads(d or "{}")}
+                for at, u, r, a, t, d in rows]
+
+    def review_candidates(self, limit: int = 500) -> list[dict[str, Any]]:
+        """Results waiting for review (held or audit-sampled) that nobody has labelled yet."""
+        sql = f"""
+            SELECT {', '.join('r.' + c for c in RESULT_COLUMNS)} FROM results r
+            WHERE r.review IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)
+            ORDER BY (r.review = 'hold') DESC, r.seq DESC
+            LIMIT {int(limit)}"""
+        cur = self._cursor()
+        try:
+            rows = [dict(zip(RESULT_COLUMNS, row, strict=True)) for row in cur.execute(sql).fetchall()]
+            self._attach_predictions(cur, rows)
+        finally:
+            cur.close()
+        return rows
 
     def counts(self) -> dict[str, Any]:
         cur = self._cursor()

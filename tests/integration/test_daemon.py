@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from appliance.daemon import Daemon
-from tests.conftest import write_grade_images
+from tests.conftest import auth_headers, write_grade_images
 
 GRADES = ["0", "1/3", "2/3", "1", "0", "0", "1", "1/3"]
 EXPECTED = {"0": "pass", "1/3": "rework", "2/3": "reject", "1": "reject"}
@@ -32,7 +32,11 @@ async def test_replay_folder_stores_every_part_with_every_field(tmp_path: Path, 
     try:
         await daemon.wait_for_results(len(GRADES) + 2, timeout=30)
         daemon.store.flush()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}") as api:
+        anonymous = httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}")
+        refused = await anonymous.get("/api/v1/results")
+        await anonymous.aclose()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}",
+                                     headers=auth_headers(daemon)) as api:
             health = (await api.get("/api/v1/health")).json()
             page = (await api.get("/api/v1/results", params={"limit": 100})).json()
             failed = (await api.get("/api/v1/results", params={"status": "failed"})).json()
@@ -44,6 +48,7 @@ async def test_replay_folder_stores_every_part_with_every_field(tmp_path: Path, 
     finally:
         await daemon.stop()
 
+    assert refused.status_code == 401
     assert health["status"] == "running" and health["judged"] == 10 and health["failed"] == 2
     assert page["count"] == 10
     by_part = {r["part_id"]: r for r in page["results"]}

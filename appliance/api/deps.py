@@ -1,0 +1,46 @@
+"""Who is calling: bearer tokens checked against the user store, roles enforced per route."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from appliance.auth import Identity, Role, role_at_least
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def daemon_of(request: Request) -> Daemon:
+    return request.app.state.daemon
+
+
+def require(role: Role) -> Callable[..., Awaitable[Identity]]:
+    """Dependency: 401 without a valid token, 403 when the user's role is below ``role``."""
+
+    async def check(request: Request,
+                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Identity:
+        if creds is None:
+            raise HTTPException(401, "log in first: POST /api/v1/auth/token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        daemon = daemon_of(request)
+        who = daemon.tokens.check(creds.credentials)
+        # a removed user, or one whose role changed, loses access at once, not when the token expires
+        current = {u.name: u.role for u in daemon.users.list()} if who else {}
+        if who is None or current.get(who.name) != who.role:
+            raise HTTPException(401, "invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
+        if not role_at_least(who.role, role):
+            raise HTTPException(403, f"'{who.name}' is {who.role}; this needs the {role} role")
+        return who
+
+    return check
+
+
+Operator = Annotated[Identity, Depends(require("operator"))]
+Engineer = Annotated[Identity, Depends(require("engineer"))]
+Admin = Annotated[Identity, Depends(require("admin"))]

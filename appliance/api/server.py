@@ -1,0 +1,77 @@
+"""The daemon's local HTTP API (FastAPI, served by uvicorn inside the daemon's own loop).
+
+It is the only way other processes (dashboard, CLI queries, retraining) reach the results, since
+only the daemon may open the DuckDB file.  Queries run in worker threads on their own DuckDB
+cursors, so the line's loop never waits for a query.  Everything but ``/health`` needs a bearer
+token (``POST /api/v1/auth/token``); routes check the caller's role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import uvicorn
+from fastapi import FastAPI
+
+from appliance import __version__
+from appliance.api import routes_auth, routes_results, routes_review
+from appliance.errors import UserError
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+API_PREFIX = "/api/v1"
+
+
+def build_app(daemon: Daemon) -> FastAPI:
+    app = FastAPI(title="Defect appliance API", version=__version__,
+                  description="Results, review, models and health of one inspection station.")
+    app.state.daemon = daemon
+    for module in (routes_results, routes_auth, routes_review):
+        app.include_router(module.router, prefix=API_PREFIX)
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiServer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.app = build_app(daemon)
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 = any free port); returns the port."""
+        try:
+            sock = socket.create_server((host, port), family=_family(host), reuse_port=False)
+        except OSError as exc:
+            raise UserError(f"api: cannot listen on {host}:{port} ({exc.strerror}); "
+                            "is another appliance running, or is the port taken?") from exc
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="api")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        return int(sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
