@@ -1,0 +1,375 @@
+"""The OPC UA server (asyncua, in the daemon's loop): OPC 40100 Machine Vision for the PLC.
+
+What it serves is the information model in :mod:`opcua_model`; who may do what is
+:mod:`appliance.plc.opcua_security` (users, roles, secured channels only) and
+:mod:`appliance.plc.opcua_pki` (certificates); the PLC's handles on the line are
+:mod:`appliance.plc.opcua_control`; stored results :mod:`appliance.plc.opcua_query`.
+
+:meth:`OpcUaEndpoint.publish` runs for every result on the line's critical path, so it does a
+fixed amount of work: no nodes are created, the latest-result variables are written in one call,
+and one ResultReadyEvent is emitted on the VisionSystem object and on the Server object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from asyncua import Server, ua
+from asyncua.common.event_objects import BaseEvent
+from asyncua.crypto.permission_rules import SimpleRoleRuleset
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256, SecurityPolicyNone
+
+from appliance.config import OpcUaConfig
+from appliance.errors import UserError
+from appliance.model_package import CARD_FILE, ModelCard
+from appliance.plc.opcua_control import InputWriteService, Jobs, LineControl
+from appliance.plc.opcua_pki import Pki, default_hostnames
+from appliance.plc.opcua_query import ResultQueries
+from appliance.plc.opcua_results import Reported, ResultEncoder
+from appliance.plc.opcua_security import AccountManager, SecureInternalServer, load_accounts
+from appliance.result import PartResult
+from opcua_model import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from appliance.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+STATE_POLL_S = 0.2
+VISION_STATES = {"preoperational": "Preoperational", "operational": "Operational", "halted": "Halted",
+                 "error": "Error"}
+EVENT_SEVERITY = {"pass": 100, "hold": 400, "rework": 500, "reject": 700}
+EVENT_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
+    ("IsPartial", ua.VariantType.Boolean), ("IsSimulated", ua.VariantType.Boolean),
+    ("ResultState", ua.VariantType.Int32), ("MeasId", ua.VariantType.ExtensionObject),
+    ("PartId", ua.VariantType.ExtensionObject), ("ExternalRecipeId", ua.VariantType.ExtensionObject),
+    ("InternalRecipeId", ua.VariantType.ExtensionObject), ("ProductId", ua.VariantType.ExtensionObject),
+    ("ExternalConfigurationId", ua.VariantType.ExtensionObject),
+    ("InternalConfigurationId", ua.VariantType.ExtensionObject), ("JobId", ua.VariantType.ExtensionObject),
+    ("ResultId", ua.VariantType.ExtensionObject), ("CreationTime", ua.VariantType.DateTime),
+    ("ProcessingTimes", ua.VariantType.ExtensionObject), ("ResultContent", ua.VariantType.ExtensionObject),
+)
+"""Every property of ResultReadyEventType, each with its explicit type (an untyped one goes out Null)."""
+
+LATEST: tuple[tuple[str, ua.VariantType], ...] = (
+    ("ResultId", ua.VariantType.String), ("Sequence", ua.VariantType.UInt32),
+    ("PartId", ua.VariantType.String), ("Batch", ua.VariantType.String),
+    ("Disposition", ua.VariantType.String), ("DispositionCode", ua.VariantType.UInt16),
+    ("DefectType", ua.VariantType.String), ("DefectTypeCode", ua.VariantType.UInt16),
+    ("Severity", ua.VariantType.String), ("SeverityCode", ua.VariantType.UInt16),
+    ("Confidence", ua.VariantType.Double), ("ModelVersion", ua.VariantType.String),
+    ("Status", ua.VariantType.String), ("AcquiredAt", ua.VariantType.DateTime),
+    ("LatencyMs", ua.VariantType.Double), ("Content", ua.VariantType.ExtensionObject),
+)
+NEVER = datetime(1601, 1, 1, tzinfo=UTC)
+"""OPC UA's minimum DateTime, the value of a time that has not happened yet."""
+
+
+class ResultReadyEvent(BaseEvent):
+    """The one event object of a server, refilled for every result (fields typed once, here)."""
+
+    EventId: bytes
+    EventType: ua.NodeId
+    SourceName: str
+    Time: datetime
+    ReceiveTime: datetime
+    Message: ua.LocalizedText
+    Severity: int
+
+    def __init__(self, source: ua.NodeId, event_type: ua.NodeId) -> None:
+        super().__init__(sourcenode=source)
+        self.EventType = event_type
+        self.SourceName = "VisionSystem"
+        for name, vtype in EVENT_FIELDS:
+            self.add_property(name, None, vtype)
+
+
+def _encrypt_passwords(server: Server) -> None:
+    """Ask clients to encrypt passwords with the server certificate even inside an encrypted channel.
+
+    asyncua advertises plain password tokens on SignAndEncrypt endpoints; a client that then
+    ignores the endpoints and opens a None channel would send its password in clear text before
+    the session is refused.
+    """
+    for endpoint in server.iserver.endpoints:
+        policy = endpoint.SecurityPolicyUri
+        if policy == SecurityPolicyNone.URI:
+            policy = SecurityPolicyBasic256Sha256.URI
+        for token in endpoint.UserIdentityTokens:
+            if token.TokenType == ua.UserTokenType.UserName:
+                token.SecurityPolicyUri = policy
+
+
+def application_uri() -> str:
+    return f"urn:{socket.gethostname()}:defect-appliance"
+
+
+class OpcUaEndpoint:
+    """The daemon's OPC UA endpoint (a PlcEndpoint)."""
+
+    name = "opcua"
+
+    def __init__(self, config: OpcUaConfig, daemon: Daemon) -> None:
+        self.config = config
+        self.daemon = daemon
+        self.pki = Pki(daemon.config.state_dir / "pki")
+        self.url = f"opc.tcp://{config.host}:{config.port}"
+        self.jobs = Jobs()
+        self.server: Server | None = None
+        self.model: LoadedModel | None = None
+        self.encoder: ResultEncoder | None = None
+        self.queries: ResultQueries | None = None
+        self.control: LineControl | None = None
+        self._event: ResultReadyEvent | None = None
+        self._emitters: tuple[ua.NodeId, ...] = ()
+        self._latest: list[ua.NodeId] = []
+        self._shown: dict[str, Any] = {}
+        self._cards: dict[str, ModelCard | None] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Serve; undo a half start (and raise UserError for what the user can fix)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        cfg, daemon = self.config, self.daemon
+        accounts, generated = load_accounts(cfg)
+        uri = application_uri()
+        try:
+            await asyncio.to_thread(self.pki.ensure_server_certificate, uri, default_hostnames(cfg.host))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"OPC UA: cannot prepare the server certificate in {self.pki.root}: "
+                            f"{exc}") from exc
+        iserver = SecureInternalServer(AccountManager(accounts, allow_anonymous=cfg.insecure_commissioning))
+        iserver.allow_unsecured_sessions = cfg.insecure_commissioning
+        server = self.server = Server(iserver=iserver)
+        await server.init()
+        server.set_endpoint(self.url)
+        server.set_server_name(f"Defect appliance {daemon.config.line.line_id}/{daemon.config.line.asset_id}")
+        await server.set_application_uri(uri)
+        server.product_uri = "urn:defect-appliance"
+        policies = [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+                    ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt]
+        tokens: list[type] = [ua.UserNameIdentityToken]
+        if cfg.insecure_commissioning:
+            policies.append(ua.SecurityPolicyType.NoSecurity)
+            tokens.append(ua.AnonymousIdentityToken)
+        server.set_security_policy(policies, permission_ruleset=SimpleRoleRuleset())
+        server.set_identity_tokens(tokens)
+        await server.load_certificate(str(self.pki.cert_path))
+        await server.load_private_key(str(self.pki.key_path))
+        server.set_certificate_validator(self.pki.validate)
+        self.model = model = await load_model(server)
+        await self._bind(server, model)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise UserError(f"OPC UA: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
+        _encrypt_passwords(server)
+        self._sync_task = asyncio.create_task(self._sync_loop(), name="opcua-state")
+        log.info("OPC UA server on %s (SignAndEncrypt: Basic256Sha256, Aes256Sha256RsaPss; %d user(s)); "
+                 "client certificates are trusted from %s", self.url, len(accounts), self.pki.trusted)
+        if cfg.insecure_commissioning:
+            log.warning("OPC UA INSECURE COMMISSIONING MODE: a None-security endpoint and anonymous read "
+                        "access are open on %s — anyone on the network can read the line, and passwords "
+                        "may travel unprotected. Set opcua.insecure_commissioning: false for production.",
+                        self.url)
+        if generated is not None:
+            log.warning("OPC UA: no users configured, so this run generated one operator login — "
+                        "user %r, password %r — shown only now and kept only in memory. Set "
+                        "APPLIANCE_OPCUA_USER/APPLIANCE_OPCUA_PASSWORD or opcua.users for a stable login.",
+                        generated.name, generated.password)
+
+    async def _bind(self, server: Server, model: LoadedModel) -> None:
+        """Connect the loaded model's nodes to the line: methods, inputs, values, the event."""
+        daemon, node = self.daemon, model.app_node
+        cam = daemon.config.camera
+        source_cfg = cam.replay if cam.source == "replay" else cam.genicam
+        self.encoder = ResultEncoder(
+            model, daemon.config.plc, self._card, simulated=cam.source == "replay",
+            configuration_id=model.new(
+                "ConfigurationIdDataType", Id=f"{daemon.config.line.line_id}/{daemon.config.line.asset_id}",
+                Version=hashlib.sha256(daemon.config.model_dump_json().encode()).hexdigest()[:16]))
+        self.queries = ResultQueries(daemon.store, self.encoder, self.jobs)
+        self.control = control = LineControl(
+            daemon, self.jobs, lambda job_id: model.new("JobIdDataType", Id=job_id), self.sync_state,
+            continuous=not getattr(source_cfg, "triggered", True))
+        vsm, auto, rm = ("VisionSystem.VisionStateMachine", "VisionSystem.VisionStateMachine."
+                         "AutomaticModeStateMachine", "VisionSystem.ResultManagement")
+        for path, handler in ((f"{vsm}.Halt", control.halt), (f"{vsm}.Reset", control.reset),
+                              (f"{auto}.StartSingleJob", control.start_single_job),
+                              (f"{auto}.StartContinuous", control.start_continuous),
+                              (f"{auto}.Stop", control.stop), (f"{auto}.Abort", control.stop),
+                              (f"{rm}.GetResultById", self.queries.get_result_by_id),
+                              (f"{rm}.GetResultListFiltered", self.queries.get_result_list_filtered),
+                              (f"{rm}.ReleaseResultHandle", self.queries.release_result_handle)):
+            server.link_method(server.get_node(node(path)), handler)
+        inputs = "VisionSystem.Inputs"
+        server.iserver.attribute_service = InputWriteService(server.iserver.aspace, {
+            node(f"{inputs}.PartId"): control.write_part_id, node(f"{inputs}.Batch"): control.write_batch,
+            node(f"{inputs}.ProcessValueNames"): control.write_value_names,
+            node(f"{inputs}.ProcessValues"): control.write_values,
+            node(f"{inputs}.Trigger"): control.write_trigger,
+        })
+        self._latest = [node(f"VisionSystem.LatestResult.{name}") for name, _ in LATEST]
+        versions = await asyncio.to_thread(lambda: [c.version for c in daemon.registry.versions()])
+        empty = model.new("DefectResultDataType", AcquiredAt=NEVER)
+        await self._write([
+            *zip(self._latest, [ua.Variant(v, t) for v, (_, t) in zip(
+                ["", 0, "", "", "", 0, "", 0, "", 0, 0.0, "", "", NEVER, 0.0, empty], LATEST, strict=True)],
+                strict=True),
+            (node(f"{inputs}.PartId"), ua.Variant(daemon.context.part_id or "", ua.VariantType.String)),
+            (node(f"{inputs}.Batch"), ua.Variant(daemon.context.batch or "", ua.VariantType.String)),
+            (node(f"{inputs}.ProcessValueNames"), ua.Variant([], ua.VariantType.String, is_array=True)),
+            (node(f"{inputs}.ProcessValues"), ua.Variant([], ua.VariantType.Double, is_array=True)),
+            (node(f"{inputs}.Trigger"), ua.Variant(False, ua.VariantType.Boolean)),
+            (node("VisionSystem.RecipeManagement.AvailableRecipes"),
+             ua.Variant(versions, ua.VariantType.String, is_array=True)),
+            (node("VisionSystem.ConfigurationManagement.ActiveConfiguration"),
+             ua.Variant(self.encoder.configuration_id, ua.VariantType.ExtensionObject)),
+        ])
+        vision_system = node("VisionSystem")
+        self._emitters = (vision_system, server.nodes.server.nodeid)
+        self._event = ResultReadyEvent(vision_system, model.mv_node("ResultReadyEventType"))
+        await self.sync_state()
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+            self._sync_task = None
+        server, self.server = self.server, None
+        if server is not None:
+            with contextlib.suppress(Exception):  # a half-started server has half its parts
+                await server.stop()
+
+    # -- publishing ------------------------------------------------------------------------------
+    async def publish(self, result: PartResult) -> None:
+        server, encoder, event = self.server, self.encoder, self._event
+        if server is None or encoder is None or event is None or self.queries is None:
+            return
+        job_id = self.jobs.claim(result)
+        self.queries.remember(result)
+        reported = encoder.reported(result)
+        content = encoder.content(result, reported)
+        latest = self._latest_values(result, reported, content)
+        await self._write(list(zip(self._latest, latest, strict=True)))
+        for name, variant in encoder.fields(result, job_id, content).items():
+            setattr(event, name, variant.Value)
+        event.EventId = os.urandom(16)
+        event.Time = result.decided_at
+        event.ReceiveTime = datetime.now(UTC)
+        event.Message = ua.LocalizedText(f"{result.part_id or result.result_id}: {result.disposition}")
+        event.Severity = EVENT_SEVERITY.get(result.disposition, 500)
+        subscriptions = server.iserver.subscription_service
+        for emitter in self._emitters:
+            event.emitting_node = emitter
+            await subscriptions.trigger_event(event)
+        if self.control is not None and self._shown.get("auto") == "SingleExecution":
+            await self.sync_state()
+
+    @staticmethod
+    def _latest_values(result: PartResult, rep: Reported, content: Any) -> list[ua.Variant]:
+        values = [result.result_id, result.seq & 0xFFFFFFFF, result.part_id or "", result.batch or "",
+                  rep.disposition, rep.disposition_code, rep.defect_type, rep.defect_type_code, rep.severity,
+                  rep.severity_code, rep.confidence, result.model_version or "", result.status,
+                  result.acquired_at, float(result.latency.get("total_ms", 0.0)), content]
+        return [ua.Variant(v, t) for v, (_, t) in zip(values, LATEST, strict=True)]
+
+    async def _write(self, items: list[tuple[ua.NodeId, ua.Variant]]) -> None:
+        """One Write call for many values (as the server itself, so roles do not apply)."""
+        assert self.server is not None
+        params = ua.WriteParameters(NodesToWrite=[
+            ua.WriteValue(NodeId=nid, AttributeId=ua.AttributeIds.Value, Value=ua.DataValue(value))
+            for nid, value in items])
+        for (nid, _), status in zip(items, await self.server.iserver.isession.write(params), strict=True):
+            if not status.is_good():
+                log.error("OPC UA: writing %s failed: %s", nid.to_string(), status.name)
+
+    # -- state machines, recipe, consumed inputs -------------------------------------------------
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_POLL_S)
+            try:
+                await self.sync_state()
+            except Exception:  # keep mirroring the line whatever one write did
+                log.exception("OPC UA state update failed")
+
+    async def sync_state(self) -> None:
+        """Mirror the daemon into the state machines, the recipe and the consumed inputs."""
+        model, control, daemon = self.model, self.control, self.daemon
+        if model is None or control is None or self.server is None:
+            return
+        async with self._sync_lock:
+            vision = VISION_STATES.get(daemon.state, "Error")
+            continuous = getattr(daemon.source, "continuous", None)
+            if not isinstance(continuous, bool):
+                continuous = control.continuous
+            if vision != "Operational":
+                auto = "Initialized"
+            elif continuous:
+                auto = "ContinuousExecution"
+            else:
+                auto = "SingleExecution" if self.jobs.single_pending else "Ready"
+            version = daemon.classifier.version if daemon.classifier else ""
+            wanted: dict[str, tuple[str, Any]] = {
+                "vision": ("VisionSystem.VisionStateMachine", ("VisionStateMachineType", vision)),
+                "auto": ("VisionSystem.VisionStateMachine.AutomaticModeStateMachine",
+                         ("VisionAutomaticModeStateMachineType", auto)),
+                "recipe": ("VisionSystem.RecipeManagement.ActiveRecipe", version),
+                "part": ("VisionSystem.Inputs.PartId", daemon.context.part_id or ""),
+                "values": ("VisionSystem.Inputs.ProcessValues", list(daemon.context.process_values.values())),
+            }
+            writes: list[tuple[ua.NodeId, ua.Variant]] = []
+            for key, (path, value) in wanted.items():
+                shown = value[1] if key in ("vision", "auto") else value
+                if self._shown.get(key) == shown:
+                    continue
+                self._shown[key] = shown
+                if key in ("vision", "auto"):
+                    state_type, state = value
+                    writes.append((model.app_node(f"{path}.CurrentState"),
+                                   ua.Variant(ua.LocalizedText(state), ua.VariantType.LocalizedText)))
+                    writes.append((model.app_node(f"{path}.CurrentState.Id"),
+                                   ua.Variant(model.mv_node(f"{state_type}.{state}"), ua.VariantType.NodeId)))
+                elif key == "recipe":
+                    assert self.encoder is not None
+                    writes.append((model.app_node(path), ua.Variant(self.encoder.recipe_id(value),
+                                                                    ua.VariantType.ExtensionObject)))
+                elif key == "part":
+                    writes.append((model.app_node(path), ua.Variant(value, ua.VariantType.String)))
+                else:
+                    control.process_values_raw = value
+                    writes.append((model.app_node(path), ua.Variant(value, ua.VariantType.Double,
+                                                                    is_array=True)))
+            if writes:
+                await self._write(writes)
+
+    def _card(self, version: str | None) -> ModelCard | None:
+        """The model card of ``version`` (class names → codes); None if unknown."""
+        classifier = self.daemon.classifier
+        if version is None:
+            return None
+        if classifier is not None and classifier.version == version:
+            return classifier.card
+        if version not in self._cards:
+            try:
+                path = self.daemon.registry.path(version) / CARD_FILE
+                self._cards[version] = ModelCard.model_validate_json(path.read_bytes())
+            except (OSError, ValueError, UserError):
+                self._cards[version] = None
+        return self._cards[version]

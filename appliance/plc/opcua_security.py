@@ -1,0 +1,187 @@
+"""OPC UA security: who may log in (users and roles) and on which channels.
+
+Secure by default.  asyncua alone would accept anonymous users, and it would even activate a
+session on an unencrypted (None) channel although no None endpoint is advertised; this module
+closes both:
+
+* :class:`AccountManager` knows only the configured users (passwords from the environment or
+  systemd credentials, never YAML); anonymous logins exist only in insecure commissioning mode,
+  and then with the reader role.
+* :class:`SecureInternalServer` creates :class:`SecureSession` objects, which refuse to activate
+  on a channel without a client certificate (None security) unless commissioning allows it, and
+  which make the calling user available to method handlers (:func:`caller`) — asyncua passes the
+  user to writes but not to method calls.
+
+Roles: ``reader`` may browse, read, subscribe and query results; ``operator`` may also call the
+control methods and write the PLC inputs.  Certificates live in :mod:`appliance.plc.opcua_pki`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.internal_server import InternalServer
+from asyncua.server.internal_session import InternalSession
+from asyncua.server.user_managers import UserManager
+
+from appliance.config import OpcUaConfig
+from appliance.errors import UserError
+
+log = logging.getLogger(__name__)
+
+READER, OPERATOR = "reader", "operator"
+DEMO_USER_ENV, DEMO_PASSWORD_ENV = "APPLIANCE_OPCUA_USER", "APPLIANCE_OPCUA_PASSWORD"
+GENERATED_USER = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    role: str
+    password: str = field(repr=False)
+
+
+@dataclass
+class ApplianceUser(User):
+    """An authenticated OPC UA user; ``access`` is the appliance role (reader/operator)."""
+
+    access: str = READER
+
+
+def load_accounts(config: OpcUaConfig, environ: Mapping[str, str] | None = None,
+                  credentials_dir: Path | None = None) -> tuple[list[Account], Account | None]:
+    """The configured users with their secrets, plus the demo user from the environment.
+
+    Returns ``(accounts, generated)``: when nobody is configured at all, one operator with a random
+    password is generated (``generated``), for the caller to announce once.  It lives in memory
+    only, so no file ever holds it and each start prints a new one; set
+    APPLIANCE_OPCUA_USER/APPLIANCE_OPCUA_PASSWORD (or configure users) for a stable login.
+    """
+    env = os.environ if environ is None else environ
+    if credentials_dir is None and env.get("CREDENTIALS_DIRECTORY"):
+        credentials_dir = Path(env["CREDENTIALS_DIRECTORY"])
+    accounts: list[Account] = []
+    for i, user in enumerate(config.users):
+        where = f"opcua.users[{i}] ({user.name})"
+        if (user.password_env is None) == (user.password_credential is None):
+            raise UserError(f"{where}: set exactly one of password_env or password_credential")
+        if user.password_env is not None:
+            password = env.get(user.password_env)
+            if not password:
+                raise UserError(f"{where}: environment variable {user.password_env} is not set or empty")
+        else:
+            password = _read_credential(where, credentials_dir, str(user.password_credential))
+        accounts.append(Account(user.name, user.role, password))
+    demo_name, demo_password = env.get(DEMO_USER_ENV), env.get(DEMO_PASSWORD_ENV)
+    if demo_name or demo_password:
+        if not (demo_name and demo_password):
+            raise UserError(f"set both {DEMO_USER_ENV} and {DEMO_PASSWORD_ENV}, or neither")
+        accounts.append(Account(demo_name, OPERATOR, demo_password))
+    names = [a.name for a in accounts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"opcua.users: user name(s) defined twice: {', '.join(duplicates)}")
+    generated = None
+    if not accounts:
+        generated = Account(GENERATED_USER, OPERATOR, secrets.token_urlsafe(12))
+        accounts.append(generated)
+    return accounts, generated
+
+
+def _read_credential(where: str, credentials_dir: Path | None, name: str) -> str:
+    if credentials_dir is None:
+        raise UserError(f"{where}: password_credential '{name}' needs systemd's $CREDENTIALS_DIRECTORY "
+                        "(LoadCredential=/SetCredentialEncrypted= in the unit)")
+    if "/" in name or name.startswith("."):
+        raise UserError(f"{where}: invalid credential name '{name}'")
+    try:
+        password = (credentials_dir / name).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read credential {credentials_dir / name}: {exc.strerror}") from None
+    if not password:
+        raise UserError(f"{where}: credential {credentials_dir / name} is empty")
+    return password
+
+
+class AccountManager(UserManager):
+    """Username/password logins against the loaded accounts; anonymous only when allowed."""
+
+    def __init__(self, accounts: list[Account], allow_anonymous: bool = False) -> None:
+        self._accounts = {a.name: a for a in accounts}
+        self.allow_anonymous = allow_anonymous
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        if username is None and password is None:
+            if certificate is None and self.allow_anonymous:
+                return ApplianceUser(role=UserRole.User, name="anonymous", access=READER)
+            return None
+        account = self._accounts.get(username or "")
+        expected = account.password if account is not None else secrets.token_urlsafe(12)
+        given = password if isinstance(password, str) else ""
+        # compared in constant time, and also for unknown names, so timing tells nothing
+        if not hmac.compare_digest(expected.encode(), given.encode()) or account is None:
+            log.warning("OPC UA login refused for user %r", username)
+            return None
+        return ApplianceUser(role=UserRole.User, name=account.name, access=account.role)
+
+
+_caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("opcua_caller", default=None)
+
+
+def caller() -> User | None:
+    """The user whose request is being served (inside a method handler)."""
+    return _caller.get()
+
+
+def may_operate(user: User | None) -> bool:
+    """Operators, and the server itself (internal session), may trigger and write inputs."""
+    if user is None:
+        return False
+    if user.role == UserRole.Admin:
+        return True
+    return isinstance(user, ApplianceUser) and user.access == OPERATOR
+
+
+class SecureSession(InternalSession):
+    """A session that activates only on a secured channel and tells handlers who calls."""
+
+    iserver: SecureInternalServer
+
+    def activate_session(self, params: ua.ActivateSessionParameters,
+                         peer_certificate: bytes | None) -> ua.ActivateSessionResult:
+        # every Sign/SignAndEncrypt channel carries the client's certificate; a None channel has none
+        if not peer_certificate and not self.iserver.allow_unsecured_sessions:
+            log.warning("OPC UA session refused: the client did not secure its channel "
+                        "(only SignAndEncrypt endpoints are offered)")
+            raise ServiceError(ua.StatusCodes.BadSecurityModeRejected)
+        return super().activate_session(params, peer_certificate)
+
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        token = _caller.set(self.user)
+        try:
+            return await super().call(params)
+        finally:
+            _caller.reset(token)
+
+
+class SecureInternalServer(InternalServer):
+    """asyncua's internal server, with :class:`SecureSession` for every client session."""
+
+    allow_unsecured_sessions = False
+
+    def create_session(self, name: str, user: User = User(role=UserRole.Anonymous),  # noqa: B008
+                       external: bool = False) -> InternalSession:
+        return SecureSession(self, self.aspace, self.subscription_service, name, user=user,
+                             external=external)

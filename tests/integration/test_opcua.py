@@ -1,0 +1,241 @@
+"""The OPC UA server as a PLC sees it, through an independent client (node-opcua, Node 20).
+
+One scenario runs once per module (a daemon start costs seconds): a triggered replay line with an
+operator and a reader; tests/clients/opcua_client.mjs connects with SignAndEncrypt, is refused
+until the test trusts its certificate (moved from pki/rejected to pki/trusted, as an
+administrator would), browses, writes the part inputs, calls StartSingleJob twice, collects the
+ResultReadyEvents on the VisionSystem and the Server object, and tries what a reader, an
+anonymous user and a None-security client may not do.  The tests below check its report and the
+results the daemon stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.config import load_config
+from appliance.daemon import Daemon
+from appliance.store import ResultFilter
+from tests.brightness_model import make_brightness_model
+from tests.conftest import DISPOSITION, free_port, write_grade_images, write_yaml
+
+CLIENTS = Path(__file__).resolve().parents[1] / "clients"
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(
+    NODE is None or not (CLIENTS / "node_modules" / "node-opcua-client").is_dir(),
+    reason="needs Node 20 and node-opcua-client: run scripts/system-deps.sh")
+
+GRADES = ["0", "2/3", "1/3", "1"]
+OPERATOR = {"user": "plc-operator", "password": "op-secret-1"}
+READER = {"user": "scada-reader", "password": "rd-secret-2"}
+INPUTS = {"partId": "PLC-PART-0001", "batch": "PLC-BATCH-9", "processValueNames": ["temp_c", "speed"],
+          "processValues": [81.5, 1.25]}
+ARG_PART = "ARG-PART-0002"
+
+
+async def _run_client(settings: dict[str, Any], pki: Path, timeout: float = 60) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        str(NODE), str(CLIENTS / "opcua_client.mjs"), json.dumps(settings), cwd=CLIENTS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    moved: list[str] = []
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            if line.startswith("STEP rejected"):
+                # the administrator's step: trust the client certificate the server rejected
+                for cert in sorted((pki / "rejected").glob("*.der")):
+                    shutil.move(cert, pki / "trusted" / cert.name)
+                    moved.append(cert.name)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(read(), proc.wait()), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    output = "\n".join(lines)
+    report = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
+    assert report is not None, output
+    return {"report": report, "rc": proc.returncode, "output": output, "moved": moved}
+
+
+async def _scenario(root: Path) -> dict[str, Any]:
+    state = root / "state"
+    state.mkdir()
+    images = root / "images"
+    write_grade_images(images, GRADES)
+    make_brightness_model(state / "pkg")
+    port = free_port()
+    config = load_config(write_yaml(root / "line.yaml", {
+        "state_dir": str(state),
+        "line": {"line_id": "opcua-line", "asset_id": "station-3", "batch": "B-START"},
+        "camera": {"view": "top", "source": "replay",
+                   "replay": {"path": str(images), "triggered": True, "loop": True}},
+        "model": {"path": str(state / "pkg"), "warmup_runs": 1},
+        "disposition": DISPOSITION,
+        "store": {"retention": {"pass": 1.0, "min_free_mb": 0}},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "plc": {"type_head": "cell_type", "severity_head": "defect_grade"},
+        "opcua": {"enabled": True, "host": "127.0.0.1", "port": port, "users": [
+            {"name": OPERATOR["user"], "role": "operator", "password_env": "TEST_OPCUA_OPERATOR_PW"},
+            {"name": READER["user"], "role": "reader", "password_env": "TEST_OPCUA_READER_PW"}]},
+    }))
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        pki = state / "pki"
+        client = await _run_client({
+            "url": f"opc.tcp://127.0.0.1:{port}", "pki": str(root / "client-pki"),
+            "serverCert": str(pki / "own" / "cert.der"), "operator": OPERATOR, "reader": READER,
+            "inputs": INPUTS, "argPartId": ARG_PART, "timeoutMs": 20000}, pki)
+        await daemon.wait_for_results(2, timeout=10)
+        daemon.store.flush()
+        client["stored"] = await asyncio.to_thread(daemon.store.query, ResultFilter(limit=10))
+        client["model_version"] = daemon.classifier.version if daemon.classifier else None
+        client["trusted"] = sorted(p.name for p in (pki / "trusted").iterdir())
+    finally:
+        await daemon.stop()
+    return client
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TEST_OPCUA_OPERATOR_PW", OPERATOR["password"])
+        mp.setenv("TEST_OPCUA_READER_PW", READER["password"])
+        mp.delenv("APPLIANCE_OPCUA_USER", raising=False)
+        mp.delenv("APPLIANCE_OPCUA_PASSWORD", raising=False)
+        return asyncio.run(_scenario(tmp_path_factory.mktemp("opcua")))
+
+
+def test_client_runs_clean(run: dict[str, Any]) -> None:
+    assert run["rc"] == 0 and run["report"]["failures"] == [], run["output"]
+
+
+def test_unknown_client_certificate_is_refused_until_trusted(run: dict[str, Any]) -> None:
+    report = run["report"]
+    assert "BadCertificateUntrusted" in report["firstAttempt"], report["firstAttempt"]
+    assert len(run["moved"]) == 1 and run["moved"][0].endswith("].der")
+    assert run["moved"] == run["trusted"]
+    assert report["securityMode"] == "SignAndEncrypt"
+    assert report["securityPolicy"].endswith("#Basic256Sha256")
+
+
+def test_vision_system_browses_like_opc_40100(run: dict[str, Any]) -> None:
+    mv, app = "http://opcfoundation.org/UA/MachineVision", "urn:defect-appliance:opcua"
+    children = set(run["report"]["visionSystemChildren"])
+    assert {f"{mv}|VisionStateMachine", f"{mv}|ResultManagement", f"{mv}|RecipeManagement",
+            f"{mv}|ConfigurationManagement", f"{app}|LatestResult", f"{app}|Inputs"} <= children
+    assert run["report"]["stateBefore"] == "Operational"
+
+
+def test_start_single_job_returns_job_ids(run: dict[str, Any]) -> None:
+    jobs = run["report"]["jobs"]
+    assert [j["status"] for j in jobs] == ["Good", "Good"]
+    for job in jobs:
+        job_id, error = job["out"]
+        assert job_id["dataType"] == "ExtensionObject" and job_id["value"]["id"]
+        assert error == {"dataType": "Int32", "array": False, "value": 0, "decoded": True}
+
+
+def test_result_ready_events_reach_vision_system_and_server_subscribers(run: dict[str, Any]) -> None:
+    events = run["report"]["events"]
+    assert len(events["VisionSystem"]) == 2 and len(events["Server"]) == 2
+    for a, b in zip(events["VisionSystem"], events["Server"], strict=True):
+        assert a["EventId"] == b["EventId"] and a["ResultId"] == b["ResultId"]
+
+
+def test_event_fields_are_typed_and_never_null(run: dict[str, Any]) -> None:
+    expected = {"EventId": "ByteString", "EventType": "NodeId", "SourceName": "String", "Time": "DateTime",
+                "Message": "LocalizedText", "Severity": "UInt16", "ResultId": "ExtensionObject",
+                "ResultState": "Int32", "IsPartial": "Boolean", "IsSimulated": "Boolean",
+                "JobId": "ExtensionObject", "CreationTime": "DateTime", "PartId": "ExtensionObject",
+                "InternalRecipeId": "ExtensionObject", "InternalConfigurationId": "ExtensionObject",
+                "ProcessingTimes": "ExtensionObject", "ResultContent": "ExtensionObject"}
+    jobs = [j["out"][0]["value"]["id"] for j in run["report"]["jobs"]]
+    for i, event in enumerate(run["report"]["events"]["VisionSystem"]):
+        assert {k: v["dataType"] for k, v in event.items()} == expected
+        assert all(v["value"] is not None and v["decoded"] for v in event.values())
+        assert event["ResultState"]["value"] == 1 and event["IsPartial"]["value"] is False
+        assert event["IsSimulated"]["value"] is True  # a replay camera
+        assert event["JobId"]["value"]["id"] == jobs[i]
+        assert event["InternalRecipeId"]["value"]["id"] == run["model_version"]
+        assert event["InternalConfigurationId"]["value"]["id"] == "opcua-line/station-3"
+        assert event["SourceName"]["value"] == "VisionSystem"
+
+
+def test_result_content_is_the_decoded_defect_result(run: dict[str, Any]) -> None:
+    events = run["report"]["events"]["VisionSystem"]
+    first, second = (e["ResultContent"] for e in events)
+    assert first["array"] and len(first["value"]) == 1
+    content = first["value"][0]
+    assert content["partId"] == INPUTS["partId"] and content["batch"] == INPUTS["batch"]
+    assert content["disposition"] == "pass" and content["dispositionCode"] == 1  # grade "0"
+    assert content["severity"] == "0" and content["severityCode"] == 1
+    assert content["defectType"] == "mono" and content["defectTypeCode"] == 1
+    assert content["modelVersion"] == run["model_version"] and content["status"] == "ok"
+    assert {h["head"] for h in content["heads"]} == {"defect_grade", "cell_type"}
+    assert 0.6 <= content["confidence"] <= 1 and content["resultId"] == events[0]["ResultId"]["value"]["id"]
+    later = second["value"][0]
+    assert later["partId"] == ARG_PART and later["batch"] == INPUTS["batch"]  # the batch is sticky
+    assert later["disposition"] == "reject" and later["severity"] == "2/3" and later["severityCode"] == 3
+    assert later["sequence"] == content["sequence"] + 1
+
+
+def test_latest_result_variables_and_get_result_by_id(run: dict[str, Any]) -> None:
+    report = run["report"]
+    latest = {k: v["value"] for k, v in report["latest"].items()}
+    assert latest["PartId"] == ARG_PART and latest["Disposition"] == "reject"
+    assert latest["DispositionCode"] == 3 and latest["Severity"] == "2/3" and latest["SeverityCode"] == 3
+    assert latest["Content"]["partId"] == ARG_PART and latest["ModelVersion"] == run["model_version"]
+    assert report["latest"]["Sequence"]["dataType"] == "UInt32"
+    assert report["autoState"] == "Ready"
+    by_id = report["getResultById"]
+    assert by_id["status"] == "Good"
+    handle, result, error = by_id["out"]
+    assert handle["value"] == 0 and error["value"] == 0 and result["decoded"]
+    last_event = report["events"]["VisionSystem"][-1]
+    assert result["value"]["resultId"]["id"] == last_event["ResultId"]["value"]["id"]
+    assert result["value"]["partId"]["id"] == ARG_PART
+
+
+def test_inputs_check_their_types(run: dict[str, Any]) -> None:
+    writes = run["report"]["inputWrites"]
+    assert writes == {"partId": "Good", "batch": "Good", "names": "Good", "values": "Good",
+                      "wrongType": "BadTypeMismatch"}
+
+
+def test_reader_may_read_but_not_call_or_write(run: dict[str, Any]) -> None:
+    assert run["report"]["reader"] == {"read": "Good", "call": "BadUserAccessDenied",
+                                       "write": "BadUserAccessDenied", "trigger": "BadUserAccessDenied"}
+
+
+def test_only_sign_and_encrypt_with_encrypted_passwords_is_offered(run: dict[str, Any]) -> None:
+    assert run["report"]["endpoints"] == [
+        {"mode": "SignAndEncrypt", "policy": policy, "tokens": [f"UserName:{policy}"]}
+        for policy in ("Basic256Sha256", "Aes256_Sha256_RsaPss")
+    ]
+
+
+def test_anonymous_and_none_security_sessions_are_refused_by_the_server(run: dict[str, Any]) -> None:
+    report = run["report"]
+    assert "BadIdentityTokenRejected" in report["anonymous"], report["anonymous"]
+    assert "BadSecurityModeRejected" in report["noneSecurity"], report["noneSecurity"]
+
+
+def test_part_id_batch_and_process_values_written_by_the_plc_are_stored(run: dict[str, Any]) -> None:
+    stored = sorted(run["stored"], key=lambda r: r["seq"])
+    assert [r["part_id"] for r in stored] == [INPUTS["partId"], ARG_PART]
+    assert [r["batch"] for r in stored] == [INPUTS["batch"]] * 2
+    assert stored[0]["process_values"] == {"temp_c": 81.5, "speed": 1.25}
+    assert stored[1]["process_values"] == {}  # consumed by the part they were written for
