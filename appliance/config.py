@@ -189,6 +189,19 @@ class ModbusConfig(Strict):
                                   "configs/modbus_map.yaml if absent. Validated at start.")
 
 
+class RegistryConfig(Strict):
+    holdout: Path | None = Field(
+        default=None,
+        description="Dataset folder whose test split is the fixed held-out set of the validation gate.")
+    gate_margin: float = Field(
+        default=0.02, ge=0, le=1,
+        description="A candidate fails the gate if any head's accuracy or any class's recall is more "
+                    "than this below the champion's.")
+    shadow_max_pending: int = Field(
+        default=4, ge=1, le=1024,
+        description="Frames waiting for the shadow model; more are skipped (the line never waits).")
+
+
 class ReviewConfig(Strict):
     two_person: bool = Field(
         default=False,
@@ -211,6 +224,7 @@ class AppConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     plc: PlcReportConfig = Field(default_factory=PlcReportConfig)
     opcua: OpcUaConfig = Field(default_factory=lambda: OpcUaConfig(enabled=False))
     modbus: ModbusConfig = Field(default_factory=lambda: ModbusConfig(enabled=False))

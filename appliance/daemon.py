@@ -28,9 +28,11 @@ from appliance.camera.base import Frame, FrameSource, TriggerNotSupported
 from appliance.config import AppConfig
 from appliance.disposition import IMAGE_ERROR, Disposer
 from appliance.errors import UserError
+from appliance.gate import GateVerdict, run_gate
 from appliance.inference import BadImage, Classifier
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult, head_results, new_result_id
+from appliance.shadow import ShadowRunner
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,14 @@ RECONNECT_MAX_S = 30.0
 
 class LineHalted(RuntimeError):
     """The line is halted (vision state machine); a trigger is refused until Reset."""
+
+
+class GateRefused(UserError):
+    """The candidate failed the validation gate; the champion keeps serving."""
+
+    def __init__(self, verdict: GateVerdict) -> None:
+        super().__init__(f"model {verdict.candidate} failed the gate: " + "; ".join(verdict.reasons))
+        self.verdict = verdict
 
 
 class FrameDropped(RuntimeError):
@@ -163,6 +173,8 @@ class Daemon:
         self.halted = False
         self._tickets: deque[Ticket] = deque()
         self.classifier: Classifier | None = None
+        self.shadow: ShadowRunner | None = None
+        self._swap_lock = asyncio.Lock()
         self.latest: PartResult | None = None
         self.running = False
         self.source_done = False
@@ -246,6 +258,9 @@ class Daemon:
             await self._api.stop()
             self._api = None
         self._infer_pool.shutdown(wait=True)
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.close)
+            self.shadow = None
         self.archive.close()
         await asyncio.to_thread(self.store.close)
         if self._started:
@@ -318,6 +333,59 @@ class Daemon:
         async with self._result_event:
             await asyncio.wait_for(
                 self._result_event.wait_for(lambda: self.stats.judged >= count), timeout)
+
+    # -- model lifecycle ---------------------------------------------------------------------------
+    def _load_version(self, version: str) -> Classifier:
+        classifier = Classifier(self.registry.path(version), self.config.model.intra_op_threads,
+                                self.config.model.warmup_runs)
+        self.disposer.check_against(classifier.card)
+        return classifier
+
+    async def promote(self, version: str, by: str | None = None, force: bool = False,
+                      action: str = "promote") -> GateVerdict | None:
+        """Hot swap: load and warm ``version`` beside the serving model, gate it, switch between frames.
+
+        Raises ModelRejected (bad package) or GateRefused; either way the champion keeps serving.
+        ``force`` skips the gate (rollback to a model that already served).
+        """
+        async with self._swap_lock:
+            candidate = await asyncio.to_thread(self._load_version, version)
+            verdict = None
+            holdout = self.config.registry.holdout
+            if not force and holdout is not None:
+                assert self.classifier is not None
+                verdict = await asyncio.to_thread(
+                    run_gate, candidate.package_dir, self.classifier.package_dir,
+                    self.config.resolve(holdout), self.config.registry.gate_margin)
+                if not verdict.passed:
+                    raise GateRefused(verdict)
+            previous = self.classifier.version if self.classifier else None
+            self.classifier = candidate  # the judge loop picks it up for the next frame
+            if self.shadow is not None and self.shadow.version == version:
+                await asyncio.to_thread(self.shadow.close)
+                self.shadow = None
+            await asyncio.to_thread(self.registry.set_champion, version, action, by)
+            log.info("model %s now serving (was %s, %s by %s)", version, previous, action, by or "-")
+            return verdict
+
+    async def rollback(self, by: str | None = None) -> str:
+        target = self.registry.rollback_target()
+        if target is None:
+            raise UserError("nothing to roll back to: the serving model replaced no earlier champion")
+        await self.promote(target, by, force=True, action="rollback")
+        return target
+
+    async def set_shadow(self, version: str | None) -> None:
+        """Run ``version`` as a challenger on live frames (None stops the shadow)."""
+        async with self._swap_lock:
+            old, self.shadow = self.shadow, None
+            if old is not None:
+                await asyncio.to_thread(old.close)
+            if version is not None:
+                classifier = await asyncio.to_thread(
+                    lambda: Classifier(self.registry.path(version), 1, self.config.model.warmup_runs))
+                self.shadow = ShadowRunner(classifier, self.store, self.config.registry.shadow_max_pending)
+                log.info("shadow model %s now judging live frames (stored, never published)", version)
 
     # -- the pipeline ----------------------------------------------------------------------------
     async def _acquire_loop(self) -> None:
@@ -429,6 +497,8 @@ class Daemon:
                 await publish(result)
             except Exception:  # one broken publisher must not stop the line or the others
                 log.exception("publisher %s failed for result %s", publish, result.result_id)
+        if self.shadow is not None and frame.image is not None:
+            self.shadow.offer(result.result_id, frame.image)
         ticket = frame.meta.get("ticket")
         if ticket is not None and not ticket.result.done():
             ticket.result.set_result(result)
@@ -451,6 +521,8 @@ class Daemon:
             "camera": {"view": self.config.camera.view, "source": self.config.camera.source,
                        "online": self.source.online, "finished": self.source_done},
             "model_version": self.classifier.version if self.classifier else None,
+            "shadow": {"version": self.shadow.version, "judged": self.shadow.judged,
+                       "skipped": self.shadow.skipped} if self.shadow else None,
             "queue_depth": self._queue.qsize(),
             "uptime_s": round((datetime.now(UTC) - self.stats.started_at).total_seconds(), 1),
             "store": {"ingested_seq": self.store.ingested_seq, "next_seq": self.store.next_seq,

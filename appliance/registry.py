@@ -7,15 +7,19 @@ only after it loads, passes its checksum and output contract, and runs on a blan
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import ModelRejected
 from appliance.inference import Classifier
 from appliance.model_package import ModelCard, read_card
 
 CHAMPION_FILE = "champion"
+HISTORY_FILE = "history.jsonl"
 
 
 class ModelRegistry:
@@ -36,6 +40,9 @@ class ModelRegistry:
             except ModelRejected:
                 continue
         return sorted(cards, key=lambda c: c.created_at)
+
+    def card(self, version: str) -> ModelCard:
+        return read_card(self.path(version))
 
     def register(self, package_dir: Path) -> ModelCard:
         """Check a package fully (load + warm) and copy it in; returns its card."""
@@ -62,9 +69,30 @@ class ModelRegistry:
         version = self.champion()
         return self.path(version) if version else None
 
-    def set_champion(self, version: str) -> None:
+    def set_champion(self, version: str, action: str = "promote", by: str | None = None) -> None:
+        """Make ``version`` the served model and record who did it (the rollback history)."""
         read_card(self.path(version))  # refuses a missing or damaged package
         self.root.mkdir(parents=True, exist_ok=True)
+        previous = self.champion()
         tmp = self.root / f".{CHAMPION_FILE}.tmp"
         tmp.write_text(version + "\n", encoding="utf-8")
         os.replace(tmp, self.root / CHAMPION_FILE)
+        entry = {"at": datetime.now(UTC).isoformat(), "action": action, "version": version,
+                 "previous": previous, "by": by}
+        with (self.root / HISTORY_FILE).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def history(self) -> list[dict[str, Any]]:
+        try:
+            lines = (self.root / HISTORY_FILE).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def rollback_target(self) -> str | None:
+        """The champion the current one replaced when it was promoted (rollbacks walk further back)."""
+        current = self.champion()
+        for entry in reversed(self.history()):
+            if entry["action"] == "promote" and entry["version"] == current:
+                return str(entry["previous"]) if entry["previous"] else None
+        return None

@@ -339,6 +339,38 @@ class Store:
                  "model_version": version}
             )
 
+    def add_predictions(self, rows: list[dict[str, Any]]) -> None:
+        """Extra predictions for stored results (the shadow model's); never published."""
+        table = pa.Table.from_pylist(rows, schema=_PREDICTIONS_ARROW)
+        cur = self._cursor()
+        try:
+            cur.register("new_predictions", table)
+            cur.execute("INSERT INTO predictions BY NAME SELECT * FROM new_predictions")
+        finally:
+            cur.close()
+
+    def shadow_agreement(self, version: str) -> dict[str, Any]:
+        """How often the shadow model agreed with the champion, per head and per champion class."""
+        sql = """
+            SELECT c.head, c.label, count(*) AS n, avg(CAST(c.label = s.label AS INTEGER)) AS agree
+            FROM predictions c JOIN predictions s ON c.result_id = s.result_id AND c.head = s.head
+            WHERE c.role = 'champion' AND s.role = 'shadow' AND s.model_version = ?
+            GROUP BY ALL ORDER BY c.head, c.label"""
+        cur = self._cursor()
+        try:
+            rows = cur.execute(sql, [version]).fetchall()
+        finally:
+            cur.close()
+        heads: dict[str, Any] = {}
+        for head, label, n, agree in rows:
+            h = heads.setdefault(head, {"n": 0, "agreed": 0.0, "per_class": {}})
+            h["n"] += n
+            h["agreed"] += agree * n
+            h["per_class"][label] = {"n": n, "agreement": round(agree, 4)}
+        for h in heads.values():
+            h["agreement"] = round(h.pop("agreed") / h["n"], 4) if h["n"] else None
+        return {"shadow_version": version, "heads": heads}
+
     # -- review labels and the audit log (low volume: written straight to DuckDB) -------------
     def add_labels(self, result_id: str, labels: dict[str, str], user: str, comment: str | None,
                    verified: bool) -> list[str]:

@@ -36,11 +36,13 @@ OUTPUTS = ("defect_grade_probs", "cell_type_probs")
 
 
 def make_brightness_model(out: Path, version: str | None = None, sharpness: float = 12.0,
-                          output_names: tuple[str, str] = OUTPUTS) -> ModelCard:
+                          output_names: tuple[str, str] = OUTPUTS,
+                          centres: tuple[float, ...] = tuple(CENTRES)) -> ModelCard:
+    """Write the package into ``out``; other ``centres`` make a deliberately different (worse) model."""
     out.mkdir(parents=True, exist_ok=True)
     inits = [
         numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
-        numpy_helper.from_array(np.array(CENTRES, np.float32).reshape(1, 4), "centres"),
+        numpy_helper.from_array(np.array(centres, np.float32).reshape(1, 4), "centres"),
         numpy_helper.from_array(np.array(-1.0 / sharpness**2, np.float32), "neg_scale"),
         numpy_helper.from_array(np.array([[-0.1, 0.1]], np.float32), "type_w"),
         numpy_helper.from_array(np.array([[12.8, -12.8]], np.float32), "type_b"),
