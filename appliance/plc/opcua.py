@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from asyncua import Server, ua
 from asyncua.common.event_objects import BaseEvent
@@ -84,11 +84,33 @@ class ResultReadyEvent(BaseEvent):
     Severity: int
 
     def __init__(self, source: ua.NodeId, event_type: ua.NodeId) -> None:
+        self._variants: dict[str, ua.Variant] = {}  # before Event.__init__: not an event field
         super().__init__(sourcenode=source)
         self.EventType = event_type
         self.SourceName = "VisionSystem"
         for name, vtype in EVENT_FIELDS:
             self.add_property(name, None, vtype)
+
+    def refill(self, fields: dict[str, ua.Variant]) -> None:
+        for name, variant in fields.items():
+            setattr(self, name, variant.Value)
+        self._variants = dict(fields)
+
+    def to_event_fields(self, select_clauses: list[ua.SimpleAttributeOperand]) -> list[ua.Variant]:
+        """asyncua deep-copies every field for every subscriber (most of the cost of an event);
+        :meth:`refill` installs new values for every result and none is changed afterwards, so the
+        Variants are built once and shared."""
+        out = []
+        for clause in select_clauses:
+            name = (self.browse_path_to_attribute_name(clause.BrowsePath) if clause.BrowsePath
+                    else ua.AttributeIds(clause.AttributeId).name)
+            variant = self._variants.get(name)
+            if variant is None:
+                value = getattr(self, name, None)
+                variant = ua.Variant() if value is None else ua.Variant(value, self.data_types[name])
+                self._variants[name] = variant
+            out.append(variant)
+        return out
 
 
 def _encrypt_passwords(server: Server) -> None:
@@ -266,10 +288,8 @@ class OpcUaEndpoint:
         self.queries.remember(result)
         reported = encoder.reported(result)
         content = encoder.content(result, reported)
-        latest = self._latest_values(result, reported, content)
-        await self._write(list(zip(self._latest, latest, strict=True)))
-        for name, variant in encoder.fields(result, job_id, content).items():
-            setattr(event, name, variant.Value)
+        # the event first: with a publishing interval of 0 it is on the wire before this returns
+        event.refill(encoder.fields(result, job_id, content))
         event.EventId = os.urandom(16)
         event.Time = result.decided_at
         event.ReceiveTime = datetime.now(UTC)
@@ -279,7 +299,9 @@ class OpcUaEndpoint:
         for emitter in self._emitters:
             event.emitting_node = emitter
             await subscriptions.trigger_event(event)
-        if self.control is not None and self._shown.get("auto") == "SingleExecution":
+        latest = self._latest_values(result, reported, content)
+        await self._write(list(zip(self._latest, latest, strict=True)), source_time=result.decided_at)
+        if self._shown.get("auto") == "SingleExecution":
             await self.sync_state()
 
     @staticmethod
@@ -290,13 +312,17 @@ class OpcUaEndpoint:
                   result.acquired_at, float(result.latency.get("total_ms", 0.0)), content]
         return [ua.Variant(v, t) for v, (_, t) in zip(values, LATEST, strict=True)]
 
-    async def _write(self, items: list[tuple[ua.NodeId, ua.Variant]]) -> None:
-        """One Write call for many values (as the server itself, so roles do not apply)."""
+    async def _write(self, items: list[tuple[ua.NodeId, ua.Variant]],
+                     source_time: datetime | None = None) -> None:
+        """Write values as the server itself, straight into the address space (subscribers of the
+        variables are notified as usual; no service round trip, no per-write copies)."""
         assert self.server is not None
-        params = ua.WriteParameters(NodesToWrite=[
-            ua.WriteValue(NodeId=nid, AttributeId=ua.AttributeIds.Value, Value=ua.DataValue(value))
-            for nid, value in items])
-        for (nid, _), status in zip(items, await self.server.iserver.isession.write(params), strict=True):
+        aspace = self.server.iserver.aspace
+        now = cast(ua.DateTime, datetime.now(UTC))  # asyncua types it as its datetime subclass
+        source = cast(ua.DateTime, source_time) if source_time else now
+        for nid, value in items:
+            status = await aspace.write_attribute_value(nid, ua.AttributeIds.Value, ua.DataValue(
+                value, SourceTimestamp=source, ServerTimestamp=now))
             if not status.is_good():
                 log.error("OPC UA: writing %s failed: %s", nid.to_string(), status.name)
 
