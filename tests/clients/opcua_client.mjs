@@ -143,6 +143,9 @@ async function main() {
         state: await node(`/${mv}:VisionStateMachine/CurrentState`),
         autoState: await node(`/${mv}:VisionStateMachine/${mv}:AutomaticModeStateMachine/CurrentState`),
         getResultById: await node(`/${mv}:ResultManagement/${mv}:GetResultById`),
+        vsm: await node(`/${mv}:VisionStateMachine`),
+        halt: await node(`/${mv}:VisionStateMachine/${mv}:Halt`),
+        reset: await node(`/${mv}:VisionStateMachine/${mv}:Reset`),
         resultManagement: await node(`/${mv}:ResultManagement`),
     };
     for (const name of ["PartId", "Batch", "ProcessValueNames", "ProcessValues", "Trigger"]) {
@@ -204,12 +207,21 @@ async function main() {
     result.jobs = jobs;
     step("jobs", jobs.map((j) => j.status).join(","));
 
-    const until = Date.now() + timeoutMs;
-    while ((events.VisionSystem.length < 2 || events.Server.length < 2) && Date.now() < until) await sleep(20);
+    const waitEvents = async (count) => {
+        const until = Date.now() + timeoutMs;
+        while ((events.VisionSystem.length < count || events.Server.length < count) && Date.now() < until) await sleep(20);
+    };
+    await waitEvents(2);
+
+    // a PLC that only writes variables: Trigger = true, which the server sets back to false
+    result.trigger = { write: await write(session, ids.inputTrigger, DataType.Boolean, true) };
+    await waitEvents(3);
+    const [trigger] = await session.read([{ nodeId: ids.inputTrigger, attributeId: AttributeIds.Value }]);
+    result.trigger.readBack = trigger.value.value;
     await sleep(100);
     result.events = events;
-    check(events.VisionSystem.length === 2, `VisionSystem events: ${events.VisionSystem.length}`);
-    check(events.Server.length === 2, `Server events: ${events.Server.length}`);
+    check(events.VisionSystem.length === 3, `VisionSystem events: ${events.VisionSystem.length}`);
+    check(events.Server.length === 3, `Server events: ${events.Server.length}`);
     for (const event of [...events.VisionSystem, ...events.Server]) {
         for (const [name, v] of Object.entries(event)) {
             check(v.dataType !== "Null" && v.value !== null, `event field ${name} is null`);
@@ -217,6 +229,14 @@ async function main() {
         }
     }
     step("events", `${events.VisionSystem.length}+${events.Server.length}`);
+
+    // the vision state machine: Halt refuses jobs until Reset
+    const readState = async () => (await session.read([{ nodeId: ids.state, attributeId: AttributeIds.Value }]))[0].value.value?.text;
+    const method = async (methodId) => (await session.call({ objectId: ids.vsm, methodId, inputArguments: [] })).statusCode.name;
+    result.halt = { halt: await method(ids.halt), state: await readState() };
+    result.halt.startSingleJob = (await call(session, nullArgs)).statusCode.name;
+    result.halt.reset = await method(ids.reset);
+    result.halt.stateAfterReset = await readState();
 
     // plain variables, result management
     const latestNames = Object.keys(ids).filter((k) => k.startsWith("latest"));

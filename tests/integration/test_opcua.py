@@ -98,7 +98,7 @@ async def _scenario(root: Path) -> dict[str, Any]:
             "url": f"opc.tcp://127.0.0.1:{port}", "pki": str(root / "client-pki"),
             "serverCert": str(pki / "own" / "cert.der"), "operator": OPERATOR, "reader": READER,
             "inputs": INPUTS, "argPartId": ARG_PART, "timeoutMs": 20000}, pki)
-        await daemon.wait_for_results(2, timeout=10)
+        await daemon.wait_for_results(3, timeout=10)
         daemon.store.flush()
         client["stored"] = await asyncio.to_thread(daemon.store.query, ResultFilter(limit=10))
         client["model_version"] = daemon.classifier.version if daemon.classifier else None
@@ -150,7 +150,7 @@ def test_start_single_job_returns_job_ids(run: dict[str, Any]) -> None:
 
 def test_result_ready_events_reach_vision_system_and_server_subscribers(run: dict[str, Any]) -> None:
     events = run["report"]["events"]
-    assert len(events["VisionSystem"]) == 2 and len(events["Server"]) == 2
+    assert len(events["VisionSystem"]) == 3 and len(events["Server"]) == 3
     for a, b in zip(events["VisionSystem"], events["Server"], strict=True):
         assert a["EventId"] == b["EventId"] and a["ResultId"] == b["ResultId"]
 
@@ -163,7 +163,7 @@ def test_event_fields_are_typed_and_never_null(run: dict[str, Any]) -> None:
                 "InternalRecipeId": "ExtensionObject", "InternalConfigurationId": "ExtensionObject",
                 "ProcessingTimes": "ExtensionObject", "ResultContent": "ExtensionObject"}
     jobs = [j["out"][0]["value"]["id"] for j in run["report"]["jobs"]]
-    for i, event in enumerate(run["report"]["events"]["VisionSystem"]):
+    for i, event in enumerate(run["report"]["events"]["VisionSystem"][:2]):
         assert {k: v["dataType"] for k, v in event.items()} == expected
         assert all(v["value"] is not None and v["decoded"] for v in event.values())
         assert event["ResultState"]["value"] == 1 and event["IsPartial"]["value"] is False
@@ -176,7 +176,7 @@ def test_event_fields_are_typed_and_never_null(run: dict[str, Any]) -> None:
 
 def test_result_content_is_the_decoded_defect_result(run: dict[str, Any]) -> None:
     events = run["report"]["events"]["VisionSystem"]
-    first, second = (e["ResultContent"] for e in events)
+    first, second = (e["ResultContent"] for e in events[:2])
     assert first["array"] and len(first["value"]) == 1
     content = first["value"][0]
     assert content["partId"] == INPUTS["partId"] and content["batch"] == INPUTS["batch"]
@@ -195,9 +195,9 @@ def test_result_content_is_the_decoded_defect_result(run: dict[str, Any]) -> Non
 def test_latest_result_variables_and_get_result_by_id(run: dict[str, Any]) -> None:
     report = run["report"]
     latest = {k: v["value"] for k, v in report["latest"].items()}
-    assert latest["PartId"] == ARG_PART and latest["Disposition"] == "reject"
-    assert latest["DispositionCode"] == 3 and latest["Severity"] == "2/3" and latest["SeverityCode"] == 3
-    assert latest["Content"]["partId"] == ARG_PART and latest["ModelVersion"] == run["model_version"]
+    assert latest["PartId"] == "part0002" and latest["Disposition"] == "rework"  # the third image, "1/3"
+    assert latest["DispositionCode"] == 2 and latest["Severity"] == "1/3" and latest["SeverityCode"] == 2
+    assert latest["Content"]["partId"] == "part0002" and latest["ModelVersion"] == run["model_version"]
     assert report["latest"]["Sequence"]["dataType"] == "UInt32"
     assert report["autoState"] == "Ready"
     by_id = report["getResultById"]
@@ -206,7 +206,20 @@ def test_latest_result_variables_and_get_result_by_id(run: dict[str, Any]) -> No
     assert handle["value"] == 0 and error["value"] == 0 and result["decoded"]
     last_event = report["events"]["VisionSystem"][-1]
     assert result["value"]["resultId"]["id"] == last_event["ResultId"]["value"]["id"]
-    assert result["value"]["partId"]["id"] == ARG_PART
+    assert result["value"]["partId"]["id"] == "part0002"
+
+
+def test_trigger_variable_acquires_a_part_and_is_set_back(run: dict[str, Any]) -> None:
+    trigger = run["report"]["trigger"]
+    assert trigger == {"write": "Good", "readBack": False}
+    third = run["report"]["events"]["VisionSystem"][2]
+    assert third["ResultContent"]["value"][0]["partId"] == "part0002"  # no part id written: the image name
+    assert third["JobId"]["value"]["id"] not in {j["out"][0]["value"]["id"] for j in run["report"]["jobs"]}
+
+
+def test_halt_refuses_jobs_until_reset(run: dict[str, Any]) -> None:
+    assert run["report"]["halt"] == {"halt": "Good", "state": "Halted", "startSingleJob": "BadInvalidState",
+                                     "reset": "Good", "stateAfterReset": "Operational"}
 
 
 def test_inputs_check_their_types(run: dict[str, Any]) -> None:
@@ -235,7 +248,7 @@ def test_anonymous_and_none_security_sessions_are_refused_by_the_server(run: dic
 
 def test_part_id_batch_and_process_values_written_by_the_plc_are_stored(run: dict[str, Any]) -> None:
     stored = sorted(run["stored"], key=lambda r: r["seq"])
-    assert [r["part_id"] for r in stored] == [INPUTS["partId"], ARG_PART]
-    assert [r["batch"] for r in stored] == [INPUTS["batch"]] * 2
+    assert [r["part_id"] for r in stored] == [INPUTS["partId"], ARG_PART, "part0002"]
+    assert [r["batch"] for r in stored] == [INPUTS["batch"]] * 3
     assert stored[0]["process_values"] == {"temp_c": 81.5, "speed": 1.25}
     assert stored[1]["process_values"] == {}  # consumed by the part they were written for
