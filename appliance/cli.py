@@ -175,6 +175,15 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command("retrain-worker", hidden=True)
+def retrain_worker(job: Annotated[Path, typer.Option(help="Job folder written by the daemon.")]) -> None:
+    """(Started by the daemon) train a candidate from a retraining job folder."""
+    _user_errors(_need_training_extra)
+    from appliance.retrain import run_worker
+
+    _user_errors(lambda: run_worker(job))
+
+
 @app.command("import-elpv")
 def import_elpv_cmd(out: Annotated[Path, typer.Argument(help="Dataset folder to create.")],
                     seed: int = 0) -> None:

@@ -197,6 +197,11 @@ class RegistryConfig(Strict):
         default=0.02, ge=0, le=1,
         description="A candidate fails the gate if any head's accuracy or any class's recall is more "
                     "than this below the champion's.")
+    base_dataset: Path | None = Field(
+        default=None,
+        description="Dataset folder that retraining starts from; verified review labels are added.")
+    retrain_recipe: Path | None = Field(
+        default=None, description="YAML file of TrainRecipe settings for retraining (defaults if absent).")
     shadow_max_pending: int = Field(
         default=4, ge=1, le=1024,
         description="Frames waiting for the shadow model; more are skipped (the line never waits).")

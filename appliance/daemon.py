@@ -32,6 +32,7 @@ from appliance.gate import GateVerdict, run_gate
 from appliance.inference import BadImage, Classifier
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult, head_results, new_result_id
+from appliance.retrain import Retrainer
 from appliance.shadow import ShadowRunner
 from appliance.store import Store
 
@@ -174,6 +175,7 @@ class Daemon:
         self._tickets: deque[Ticket] = deque()
         self.classifier: Classifier | None = None
         self.shadow: ShadowRunner | None = None
+        self.retrainer = Retrainer(self)
         self._swap_lock = asyncio.Lock()
         self.latest: PartResult | None = None
         self.running = False
@@ -235,6 +237,7 @@ class Daemon:
         """Stop producers first, judge and store what is already queued, then close the rest."""
         self.running = False
         self._stop.set()
+        await self.retrainer.stop()
         with contextlib.suppress(Exception):
             await self.source.close()
         acquire = [t for t in self._tasks if t.get_name() in ("acquire", "housekeeping")]

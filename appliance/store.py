@@ -339,6 +339,17 @@ class Store:
                  "model_version": version}
             )
 
+    def image_refs(self, result_ids: list[str]) -> dict[str, str | None]:
+        if not result_ids:
+            return {}
+        cur = self._cursor()
+        try:
+            rows = cur.execute("SELECT result_id, image_ref FROM results "
+                               "WHERE result_id IN (SELECT unnest($ids))", {"ids": result_ids}).fetchall()
+        finally:
+            cur.close()
+        return dict(rows)
+
     def add_predictions(self, rows: list[dict[str, Any]]) -> None:
         """Extra predictions for stored results (the shadow model's); never published."""
         table = pa.Table.from_pylist(rows, schema=_PREDICTIONS_ARROW)

@@ -132,3 +132,21 @@ async def stop_shadow(who: Engineer, request: Request) -> dict[str, Any]:
     await daemon.set_shadow(None)
     await asyncio.to_thread(daemon.store.audit, who.name, who.role, "model.shadow.stop", None, {})
     return {"shadow": None}
+
+
+@router.post("/retrain")
+async def start_retrain(who: Engineer, request: Request) -> dict[str, Any]:
+    """Train a candidate from the base dataset plus verified labels, in a low-priority process."""
+    daemon = daemon_of(request)
+    try:
+        job = await daemon.retrainer.start(who.name)
+    except UserError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    await asyncio.to_thread(daemon.store.audit, who.name, who.role, "retrain.start", job.job_id, job.counts)
+    return job.status()
+
+
+@router.get("/retrain")
+async def retrain_status(who: Operator, request: Request) -> dict[str, Any]:
+    """The current or last retraining job: state, phase, progress 0..1, candidate and gate verdict."""
+    return daemon_of(request).retrainer.status()

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from appliance.model_package import INPUT_NAME
 from appliance.training.export import session
+from appliance.training.progress import Progress, progress_bar
 from appliance.training.recipe import TrainRecipe
 
 CHUNK = 32
@@ -51,11 +51,11 @@ def views(recipe: TrainRecipe) -> list[View]:
 
 
 def extract(trunk_onnx: Path, paths: Sequence[Path], load: Callable[[Path], np.ndarray],
-            view_list: Sequence[View], threads: int, progress: bool, desc: str) -> np.ndarray:
+            view_list: Sequence[View], threads: int, progress: Progress, desc: str) -> np.ndarray:
     """Frozen-trunk features as float16 ``V×N×C×h×w`` (view, image, feature map)."""
     sess = session(trunk_onnx, threads)
     out: np.ndarray | None = None
-    with tqdm(total=len(paths) * len(view_list), desc=desc, unit="img", disable=not progress) as bar:
+    with progress_bar(len(paths) * len(view_list), desc, "img", progress) as bar:
         for start in range(0, len(paths), CHUNK):
             by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
             images = {}

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from appliance.dataset import HeadSpec
 from appliance.training.losses import class_weights, head_loss
 from appliance.training.network import TrainNet
+from appliance.training.progress import Progress, progress_bar
 from appliance.training.recipe import TrainRecipe
 
 EVAL_BATCH = 256
@@ -49,7 +49,7 @@ def _score(logits: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
 
 
 def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.ndarray,
-        val_x: np.ndarray, y_val: np.ndarray, recipe: TrainRecipe, progress: bool) -> FitResult:
+        val_x: np.ndarray, y_val: np.ndarray, recipe: TrainRecipe, progress: Progress) -> FitResult:
     """Train ``net`` in place on ``train_x`` (``V×N×…``: each step draws a random view per sample);
     leaves the weights of the epoch with the best validation accuracy (ties: lower NLL)."""
     rng = np.random.default_rng(recipe.seed)
@@ -69,7 +69,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     best: tuple[float, float] = (-1.0, math.inf)
     best_state = copy.deepcopy(net.state_dict())
     result = FitResult(best_epoch=0, epochs_run=0)
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    bar = progress_bar(total, "train", "step", progress)
     try:
         for epoch in range(1, recipe.epochs + 1):
             net.train()
@@ -80,7 +80,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 view = rng.integers(0, n_views, size=len(idx))
                 x = torch.from_numpy(train_x[view, idx].astype(np.float32))
                 logits = net(x)
-                loss = sum(
+                loss: torch.Tensor = sum(  # type: ignore[assignment]
                     head_loss(z, targets[idx, j], weights[j], heads[j].ordinal, recipe.ordinal_weight,
                               recipe.label_smoothing)
                     for j, z in enumerate(logits)

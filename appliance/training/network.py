@@ -44,6 +44,8 @@ class FrozenPart(nn.Module):
 class ExportNet(nn.Module):
     """The deployed graph: uint8 image → per-head softmax(logits / temperature)."""
 
+    inv_temperature: torch.Tensor
+
     def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float]) -> None:
         super().__init__()
         self.frozen = frozen

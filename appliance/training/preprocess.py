@@ -20,6 +20,9 @@ class Preprocess(nn.Module):
     """uint8 ``N×H×W`` ("NHW", mono) or ``N×H×W×C`` ("NHWC", C = 3) of any H, W
     → float ``N×3×size×size``: bilinear resize, ImageNet normalisation, mono replicated to RGB."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, layout: Literal["NHW", "NHWC"], size: int) -> None:
         super().__init__()
         self.layout = layout

@@ -50,13 +50,14 @@ from appliance.training.metrics import (
     softmax,
 )
 from appliance.training.network import ExportNet, build
+from appliance.training.progress import Progress
 from appliance.training.recipe import TrainRecipe
 
 VERIFY_IMAGES = 4
 
 
 def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
-                parent_version: str | None = None, progress: bool = True) -> ModelCard:
+                parent_version: str | None = None, progress: Progress = True) -> ModelCard:
     """Train a model on the dataset folder ``data`` and write its package into ``out``
     (``out/model.onnx`` + ``out/model.json``; ``out`` must be new or empty)."""
     recipe = recipe or TrainRecipe()
