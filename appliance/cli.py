@@ -232,42 +232,90 @@ def user_remove(name: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
     typer.echo(f"removed {name}")
 
 
-@app.command()
-def results(
-    api: Annotated[str, typer.Option(help="The daemon's API base URL.")] = "http://127.0.0.1:8080",
-    user: Annotated[str | None, typer.Option(help="Log in as this user (password asked for); or set "
-                                                  "APPLIANCE_API_TOKEN.")] = None,
-    disposition: str | None = None,
-    batch: str | None = None,
-    limit: int = 20,
-) -> None:
-    """List recent results through the daemon's API (the daemon alone opens the database)."""
-    import httpx
+ApiOption = Annotated[str, typer.Option(help="The daemon's API base URL.")]
+UserOption = Annotated[str | None, typer.Option(help="Log in as this user (password asked for, or "
+                                                     "$APPLIANCE_PASSWORD); or set APPLIANCE_API_TOKEN.")]
+API_DEFAULT = "http://127.0.0.1:8080"
 
-    params = {k: v for k, v in {"disposition": disposition, "batch": batch, "limit": limit}.items()
-              if v is not None}
-    try:
-        token = os.environ.get("APPLIANCE_API_TOKEN")
-        if user is not None:
-            password = os.environ.get("APPLIANCE_PASSWORD") or typer.prompt("password", hide_input=True)
-            login = httpx.post(f"{api}/api/v1/auth/token", json={"username": user, "password": password},
-                               timeout=10)
-            if login.status_code != 200:
-                typer.secho("error: log-in refused", fg=typer.colors.RED, err=True)
-                raise typer.Exit(2)
-            token = login.json()["access_token"]
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        resp = httpx.get(f"{api}/api/v1/results", params=params, headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
-        typer.secho(f"error: cannot reach the daemon at {api} ({exc})", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-    if resp.status_code != 200:
-        typer.secho(f"error: {resp.status_code} {resp.text}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    for r in resp.json()["results"]:
+
+def _client(api: str, user: str | None) -> Any:
+    from appliance.client import ApiClient
+
+    password = None
+    if user is not None:
+        password = os.environ.get("APPLIANCE_PASSWORD") or typer.prompt("password", hide_input=True)
+    return _user_errors(lambda: ApiClient(api, user, password))
+
+
+@app.command()
+def results(api: ApiOption = API_DEFAULT, user: UserOption = None, disposition: str | None = None,
+            batch: str | None = None, limit: int = 20) -> None:
+    """List recent results through the daemon's API (the daemon alone opens the database)."""
+    client = _client(api, user)
+    page = _user_errors(lambda: client.get("/results", disposition=disposition, batch=batch, limit=limit))
+    for r in page["results"]:
         heads = " ".join(f"{p['head']}={p['label']}({p['confidence']:.2f})" for p in r["predictions"])
         typer.echo(f"{r['seq']:>8} {r['acquired_at'][:23]} {r['part_id'] or '-':<14} "
                    f"{r['disposition']:<7} {r['rule']:<28} {heads or r['error']}")
+
+
+models_app = typer.Typer(help="Model versions: list, promote (through the gate), roll back.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(api: ApiOption = API_DEFAULT, user: UserOption = None) -> None:
+    client = _client(api, user)
+    listing = _user_errors(lambda: client.get("/models"))
+    for m in listing["models"]:
+        flags = ("serving " if m["serving"] else "") + ("shadow " if m["shadow"] else "")
+        gate = m["gate"]
+        verdict = "-" if gate is None else ("gate passed" if gate["passed"] else "gate FAILED")
+        typer.echo(f"{m['version']:<26} {m['created_at'][:19]} {verdict:<12} {flags}")
+    if listing["rollback_to"]:
+        typer.echo(f"rollback would return to {listing['rollback_to']}")
+
+
+@models_app.command("promote")
+def models_promote(version: str, api: ApiOption = API_DEFAULT, user: UserOption = None,
+                   force: Annotated[bool, typer.Option(help="Skip the gate (admin).")] = False) -> None:
+    """Load, gate and hot-swap a registered version into the running line."""
+    client = _client(api, user)
+    out = _user_errors(lambda: client.post(f"/models/{version}/promote", {"force": force}))
+    typer.echo(f"now serving {out['serving']}")
+
+
+@models_app.command("rollback")
+def models_rollback(api: ApiOption = API_DEFAULT, user: UserOption = None) -> None:
+    client = _client(api, user)
+    out = _user_errors(lambda: client.post("/models/rollback"))
+    typer.echo(f"now serving {out['serving']} (rolled back from {out['rolled_back_from']})")
+
+
+@app.command()
+def retrain(api: ApiOption = API_DEFAULT, user: UserOption = None,
+            wait: Annotated[bool, typer.Option(help="Follow progress until done.")] = True) -> None:
+    """Start retraining on the base dataset plus verified review labels (runs in the daemon's job)."""
+    import time
+
+    from tqdm import tqdm
+
+    client = _client(api, user)
+    status = _user_errors(lambda: client.post("/retrain"))
+    typer.echo(f"retraining {status['job_id']}: {status['training_set']}")
+    if not wait:
+        return
+    with tqdm(total=100, unit="%", bar_format="{desc} {bar} {n:.0f}%") as bar:
+        while status["state"] == "running":
+            time.sleep(1)
+            status = _user_errors(lambda: client.get("/retrain"))
+            bar.set_description_str(status["phase"])
+            bar.n = round(100 * float(status["progress"]))
+            bar.refresh()
+    typer.echo(f"{status['state']}: {status['message']}")
+    if status["state"] != "done":
+        raise typer.Exit(1)
 
 
 def main() -> None:
