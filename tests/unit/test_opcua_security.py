@@ -1,0 +1,168 @@
+"""OPC UA users, roles and certificates, without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.cert_gen import generate_private_key, generate_self_signed_app_certificate
+from asyncua.crypto.permission_rules import User, UserRole
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from appliance.config import OpcUaConfig, OpcUaUser
+from appliance.errors import UserError
+from appliance.plc.opcua_pki import Pki, thumbprint
+from appliance.plc.opcua_security import (
+    OPERATOR,
+    READER,
+    AccountManager,
+    ApplianceUser,
+    load_accounts,
+    may_operate,
+)
+
+
+def _config(*users: OpcUaUser) -> OpcUaConfig:
+    return OpcUaConfig(users=list(users))
+
+
+def test_passwords_come_from_the_environment_and_systemd_credentials(tmp_path: Path) -> None:
+    (tmp_path / "scada-pw").write_text("from-credential\n")
+    cfg = _config(OpcUaUser(name="plc", role="operator", password_env="PLC_PW"),
+                  OpcUaUser(name="scada", role="reader", password_credential="scada-pw"))
+    accounts, generated = load_accounts(cfg, {"PLC_PW": "from-env", "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert generated is None
+    assert [(a.name, a.role, a.password) for a in accounts] == [
+        ("plc", OPERATOR, "from-env"), ("scada", READER, "from-credential")]
+    assert "from-env" not in repr(accounts)
+
+
+@pytest.mark.parametrize(("user", "env", "message"), [
+    (OpcUaUser(name="plc", role="operator", password_env="PLC_PW"), {}, "PLC_PW is not set"),
+    (OpcUaUser(name="plc", role="operator"), {}, "exactly one of"),
+    (OpcUaUser(name="plc", role="operator", password_env="A", password_credential="b"), {"A": "x"},
+     "exactly one of"),
+    (OpcUaUser(name="plc", role="operator", password_credential="pw"), {}, "CREDENTIALS_DIRECTORY"),
+    (OpcUaUser(name="plc", role="operator", password_credential="../pw"), {"CREDENTIALS_DIRECTORY": "/x"},
+     "invalid credential name"),
+    (OpcUaUser(name="plc", role="operator", password_credential="missing"),
+     {"CREDENTIALS_DIRECTORY": "/nonexistent"}, "cannot read credential"),
+])
+def test_a_user_without_a_usable_password_stops_the_start(user: OpcUaUser, env: dict[str, str],
+                                                           message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_accounts(_config(user), env)
+
+
+def test_the_demo_user_from_the_environment_is_an_operator() -> None:
+    accounts, generated = load_accounts(_config(), {"APPLIANCE_OPCUA_USER": "demo",
+                                                    "APPLIANCE_OPCUA_PASSWORD": "demo-pw"})
+    assert generated is None and [(a.name, a.role) for a in accounts] == [("demo", OPERATOR)]
+    with pytest.raises(UserError, match="both"):
+        load_accounts(_config(), {"APPLIANCE_OPCUA_USER": "demo"})
+    with pytest.raises(UserError, match="defined twice"):
+        load_accounts(_config(OpcUaUser(name="demo", role="reader", password_env="X")),
+                      {"X": "x", "APPLIANCE_OPCUA_USER": "demo", "APPLIANCE_OPCUA_PASSWORD": "y"})
+
+
+def test_without_any_user_one_operator_password_is_generated_per_start() -> None:
+    (first,), generated = load_accounts(_config(), {})
+    (second,), _ = load_accounts(_config(), {})
+    assert generated is first and first.role == OPERATOR and len(first.password) >= 16
+    assert first.password != second.password
+
+
+def test_logins_check_password_and_give_the_role() -> None:
+    accounts, _ = load_accounts(_config(OpcUaUser(name="plc", role="operator", password_env="A"),
+                                        OpcUaUser(name="scada", role="reader", password_env="B")),
+                                {"A": "pa", "B": "pb"})
+    manager = AccountManager(accounts)
+    plc = manager.get_user(None, "plc", "pa")
+    scada = manager.get_user(None, "scada", "pb")
+    assert isinstance(plc, ApplianceUser) and plc.access == OPERATOR and plc.role == UserRole.User
+    assert isinstance(scada, ApplianceUser) and scada.access == READER
+    assert manager.get_user(None, "plc", "pb") is None
+    assert manager.get_user(None, "nobody", "pa") is None
+    assert manager.get_user(None, "plc", None) is None
+    assert manager.get_user(None) is None  # anonymous
+    assert may_operate(plc) and not may_operate(scada) and not may_operate(None)
+    assert may_operate(User(role=UserRole.Admin))  # the server's own session
+    anonymous = AccountManager(accounts, allow_anonymous=True).get_user(None)
+    assert isinstance(anonymous, ApplianceUser) and anonymous.access == READER
+
+
+# -- certificates ----------------------------------------------------------------------------------
+def _client_cert(uri: str = "urn:test:client") -> x509.Certificate:
+    key = generate_private_key()
+    return generate_self_signed_app_certificate(
+        key, "test client", {}, [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        extended=[ExtendedKeyUsageOID.CLIENT_AUTH], days=30)
+
+
+def _expired_cert() -> x509.Certificate:
+    key = generate_private_key()
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "expired client")])
+    now = datetime.now(UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=10)).not_valid_after(now - timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+
+
+def _app(uri: str = "urn:test:client") -> ua.ApplicationDescription:
+    return ua.ApplicationDescription(ApplicationUri=uri)
+
+
+def test_server_certificate_is_created_once_with_a_private_key(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    assert pki.ensure_server_certificate("urn:host:appliance", ["host", "localhost"]) is True
+    assert stat.S_IMODE(os.stat(pki.key_path).st_mode) == 0o600
+    cert = x509.load_der_x509_certificate(pki.cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:host:appliance"]
+    assert set(san.get_values_for_type(x509.DNSName)) == {"host", "localhost"}
+    assert cert.not_valid_after_utc - datetime.now(UTC) > timedelta(days=4 * 365)
+    assert pki.ensure_server_certificate("urn:host:appliance", ["host", "localhost"]) is False
+    assert pki.cert_path.read_bytes() == cert.public_bytes(serialization.Encoding.DER)
+    key = pki.key_path.read_bytes()
+    assert pki.ensure_server_certificate("urn:host:appliance", ["renamed"]) is True  # new host name
+    assert pki.key_path.read_bytes() == key  # the key stays
+    assert (pki.trusted.is_dir(), pki.rejected.is_dir()) == (True, True)
+
+
+def test_an_unknown_client_certificate_lands_in_rejected_until_moved_to_trusted(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.ensure_server_certificate("urn:host:appliance", ["localhost"])
+    cert = _client_cert()
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(pki.validate(cert, _app()))
+    assert refused.value.code == ua.StatusCodes.BadCertificateUntrusted
+    (rejected,) = pki.rejected.iterdir()
+    assert thumbprint(cert) in rejected.name and rejected.suffix == ".der"
+    rejected.rename(pki.trusted / rejected.name)
+    asyncio.run(pki.validate(cert, _app()))  # trusted now, no restart
+    with pytest.raises(ServiceError) as wrong_uri:
+        asyncio.run(pki.validate(cert, _app("urn:someone:else")))
+    assert wrong_uri.value.code == ua.StatusCodes.BadCertificateUriInvalid
+
+
+def test_pem_certificates_in_trusted_count_and_expired_ones_are_refused(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.ensure_server_certificate("urn:host:appliance", ["localhost"])
+    cert = _client_cert()
+    (pki.trusted / "client.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki.trusted / "notes.txt").write_text("ignored")
+    (pki.trusted / "broken.der").write_bytes(b"not a certificate")
+    asyncio.run(pki.validate(cert, _app()))
+    expired = _expired_cert()
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(pki.validate(expired, _app()))
+    assert refused.value.code == ua.StatusCodes.BadCertificateTimeInvalid
