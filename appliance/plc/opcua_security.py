@@ -123,8 +123,8 @@ class AccountManager(UserManager):
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> User | None:
-        if username is None and password is None:
-            if certificate is None and self.allow_anonymous:
+        if username is None and password is None:  # an anonymous token (X509 tokens are not offered)
+            if self.allow_anonymous:
                 return ApplianceUser(role=UserRole.User, name="anonymous", access=READER)
             return None
         account = self._accounts.get(username or "")

@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from asyncua import Client, ua
 
 from appliance.config import load_config
 from appliance.daemon import Daemon
+from appliance.errors import UserError
 from appliance.store import ResultFilter
 from tests.brightness_model import make_brightness_model
 from tests.conftest import DISPOSITION, free_port, write_grade_images, write_yaml
 
 CLIENTS = Path(__file__).resolve().parents[1] / "clients"
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (CLIENTS / "node_modules" / "node-opcua-client").is_dir(),
-    reason="needs Node 20 and node-opcua-client: run scripts/system-deps.sh")
 
 GRADES = ["0", "2/3", "1/3", "1"]
 OPERATOR = {"user": "plc-operator", "password": "op-secret-1"}
@@ -110,6 +112,8 @@ async def _scenario(root: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if NODE is None or not (CLIENTS / "node_modules" / "node-opcua-client").is_dir():
+        pytest.skip("needs Node 20 and node-opcua-client: run scripts/system-deps.sh")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TEST_OPCUA_OPERATOR_PW", OPERATOR["password"])
         mp.setenv("TEST_OPCUA_READER_PW", READER["password"])
@@ -252,3 +256,80 @@ def test_part_id_batch_and_process_values_written_by_the_plc_are_stored(run: dic
     assert [r["batch"] for r in stored] == [INPUTS["batch"]] * 3
     assert stored[0]["process_values"] == {"temp_c": 81.5, "speed": 1.25}
     assert stored[1]["process_values"] == {}  # consumed by the part they were written for
+
+
+# -- Python-side checks (asyncua as the client) ------------------------------------------------------
+async def test_commissioning_mode_free_running_camera_and_generated_login(
+        tmp_path: Path, line_config: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """insecure_commissioning opens a None endpoint with anonymous read access, loudly; with no user
+    configured an operator password is generated and shown once; a free-running camera refuses
+    StartSingleJob with a Bad status until Stop."""
+    monkeypatch.delenv("APPLIANCE_OPCUA_USER", raising=False)
+    monkeypatch.delenv("APPLIANCE_OPCUA_PASSWORD", raising=False)
+    images = tmp_path / "images"
+    write_grade_images(images, GRADES)
+    port = free_port()
+    cfg = line_config(images, camera={"view": "top", "source": "replay",
+                                      "replay": {"path": str(images), "rate_hz": 20, "loop": True}},
+                      opcua={"enabled": True, "port": port, "insecure_commissioning": True})
+    daemon = Daemon(cfg)
+    with caplog.at_level(logging.WARNING, logger="appliance.plc.opcua"):
+        await daemon.start()
+    try:
+        assert "INSECURE COMMISSIONING MODE" in caplog.text
+        found = re.search(r"user 'operator', password '([^']+)'", caplog.text)
+        assert found, caplog.text
+        url = f"opc.tcp://127.0.0.1:{port}"
+        async with Client(url) as anonymous:  # None security, no user
+            ns = await anonymous.get_namespace_array()
+            app, mv = ns.index("urn:defect-appliance:opcua"), ns.index("http://opcfoundation.org/UA/MachineVision")
+            state = anonymous.get_node(ua.NodeId("VisionSystem.VisionStateMachine.CurrentState", app))
+            for _ in range(20):  # mirrored from the daemon every 0.2 s
+                if (await state.read_value()).Text == "Operational":
+                    break
+                await asyncio.sleep(0.1)
+            assert (await state.read_value()).Text == "Operational"
+            auto_path = "VisionSystem.VisionStateMachine.AutomaticModeStateMachine"
+            auto = anonymous.get_node(ua.NodeId(auto_path, app))
+            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                await auto.call_method(ua.NodeId(f"{auto_path}.Stop", app))
+            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                await anonymous.get_node(ua.NodeId("VisionSystem.Inputs.Batch", app)).write_value(
+                    ua.Variant("x", ua.VariantType.String))
+        operator = Client(url)
+        operator.set_user("operator")
+        operator.set_password(found.group(1))
+        async with operator:
+            auto = operator.get_node(ua.NodeId(auto_path, app))
+            auto_state = operator.get_node(ua.NodeId(f"{auto_path}.CurrentState", app))
+            assert (await auto_state.read_value()).Text == "ContinuousExecution"
+            null = [ua.Variant()] * 4 + [ua.Variant([], ua.VariantType.Variant)]
+            with pytest.raises(ua.UaStatusCodeError, match="BadInvalidState"):
+                await auto.call_method(ua.NodeId(f"{auto_path}.StartSingleJob", app), *null)
+            assert await auto.call_method(ua.NodeId(f"{auto_path}.Stop", app)) == 0
+            assert (await auto_state.read_value()).Text == "Ready"
+            job, error = await auto.call_method(ua.NodeId(f"{auto_path}.StartSingleJob", app), *null)
+            assert job.Id and error == 0
+            job, error = await auto.call_method(ua.NodeId(f"{auto_path}.StartContinuous", app), *null)
+            assert job.Id and error == 0
+            assert (await auto_state.read_value()).Text == "ContinuousExecution"
+            ids = await operator.get_node(ua.NodeId(f"{auto_path}.CurrentState.Id", app)).read_value()
+            assert ids == ua.NodeId("VisionAutomaticModeStateMachineType.ContinuousExecution", mv)
+    finally:
+        await daemon.stop()
+
+
+async def test_a_taken_port_fails_the_start_with_a_clear_message(
+        tmp_path: Path, line_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPLIANCE_OPCUA_USER", "demo")
+    monkeypatch.setenv("APPLIANCE_OPCUA_PASSWORD", "demo-password")
+    images = tmp_path / "images"
+    write_grade_images(images, GRADES)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = line_config(images, opcua={"enabled": True, "port": port})
+        with pytest.raises(UserError, match=f"OPC UA: cannot listen on 127.0.0.1:{port}"):
+            await Daemon(cfg).start()
