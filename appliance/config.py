@@ -61,11 +61,27 @@ class GenICamConfig(Strict):
     fetch_timeout_s: float = Field(default=2.0, gt=0, le=60, description="Give up on one fetch after this.")
 
 
+class ImageHealthConfig(Strict):
+    enabled: bool = Field(default=True, description="Watch brightness, sharpness and scene for drift.")
+    baseline_frames: int = Field(default=200, ge=10, le=100_000, description="Frames that set the baseline.")
+    brightness_tolerance: float = Field(default=0.25, gt=0, le=1,
+                                        description="Allowed relative change of mean brightness.")
+    min_sharpness_share: float = Field(default=0.5, gt=0, le=1,
+                                       description="Alarm when sharpness falls below this share of baseline.")
+    min_scene_correlation: float = Field(default=0.7, ge=-1, le=1,
+                                         description="Alarm when the average picture no longer correlates "
+                                                     "with the baseline (camera or fixture moved).")
+
+
 class CameraConfig(Strict):
     view: str = Field(default="top", min_length=1, max_length=64, description="Camera view name.")
     source: Literal["replay", "genicam"] = Field(default="replay", description="Which frame source.")
     replay: ReplayConfig | None = Field(default=None, description="Settings of the replay source.")
     genicam: GenICamConfig | None = Field(default=None, description="Settings of the GenICam source.")
+    stall_timeout_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="A free-running camera silent this long counts as stalled and is reconnected.")
+    health: ImageHealthConfig = Field(default_factory=ImageHealthConfig)
     queue_size: int = Field(default=8, ge=1, le=1024,
                             description="Frames waiting for the classifier; newer frames are dropped "
                                         "(and counted) when it is full.")

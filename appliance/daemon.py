@@ -29,10 +29,13 @@ from appliance.config import AppConfig
 from appliance.disposition import IMAGE_ERROR, Disposer
 from appliance.errors import UserError
 from appliance.gate import GateVerdict, run_gate
+from appliance.image_health import ImageHealth
 from appliance.inference import BadImage, Classifier
+from appliance.metrics import LineMetrics
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult, head_results, new_result_id
 from appliance.retrain import Retrainer
+from appliance.sd_notify import notify, watchdog_interval_s
 from appliance.shadow import ShadowRunner
 from appliance.store import Store
 
@@ -42,6 +45,9 @@ Publisher = Callable[[PartResult], Awaitable[None]]
 LATENCY_WINDOW = 2048
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
+STUCK_AFTER_S = 10.0
+"""Frames waiting but none judged for this long: inference is hung; stop feeding the watchdog."""
+HOLDS_REFRESH_S = 5.0
 
 
 class LineHalted(RuntimeError):
@@ -176,6 +182,12 @@ class Daemon:
         self.classifier: Classifier | None = None
         self.shadow: ShadowRunner | None = None
         self.retrainer = Retrainer(self)
+        self.metrics = LineMetrics()
+        self.image_health = ImageHealth(config.camera.health)
+        self.holds_waiting = 0
+        self.camera_stalled = False
+        self._last_frame = time.monotonic()
+        self._last_judged = (0, time.monotonic())
         self._swap_lock = asyncio.Lock()
         self.latest: PartResult | None = None
         self.running = False
@@ -189,6 +201,7 @@ class Daemon:
         self._result_event = asyncio.Condition()
         self._started = False
         self._started_endpoints: list[PlcEndpoint] = []
+        self.metrics.attach(self)  # last: its collector reads the attributes above
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -212,10 +225,12 @@ class Daemon:
             await self.source.open()
             self._tasks.append(asyncio.create_task(self._acquire_loop(), name="acquire"))
             self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+            self._tasks.append(asyncio.create_task(self._supervise(), name="supervise"))
         except BaseException:
             await self.stop()
             raise
         self.running = self._started = True
+        notify("READY=1", f"STATUS=line running, model {self.classifier.version}")
         log.info("line running: model %s, camera '%s' (%s), API http://%s:%s",
                  self.classifier.version, self.config.camera.view, self.config.camera.source,
                  self.config.api.host, self.api_port)
@@ -240,7 +255,8 @@ class Daemon:
         await self.retrainer.stop()
         with contextlib.suppress(Exception):
             await self.source.close()
-        acquire = [t for t in self._tasks if t.get_name() in ("acquire", "housekeeping")]
+        notify("STOPPING=1")
+        acquire = [t for t in self._tasks if t.get_name() in ("acquire", "housekeeping", "supervise")]
         for task in acquire:
             task.cancel()
         await asyncio.gather(*acquire, return_exceptions=True)
@@ -290,7 +306,7 @@ class Daemon:
             return "preoperational"
         if self.halted:
             return "halted"
-        if not self.source.online or self.stats.store_errors:
+        if not self.camera_online or self.stats.store_errors:
             return "error"
         return "operational"
 
@@ -397,7 +413,10 @@ class Daemon:
         while True:
             try:
                 await self._acquire()
-                break  # a finite source (replay without loop) has finished
+                if self.source.finished or self._stop.is_set():
+                    break
+                log.error("camera '%s' stopped delivering; reconnecting in %.0f s", self.config.camera.view,
+                          backoff)
             except (RuntimeError, OSError) as exc:
                 log.error("camera '%s' failed (%s); reconnecting in %.0f s", self.config.camera.view,
                           exc, backoff)
@@ -407,6 +426,8 @@ class Daemon:
                 await self.source.close()
             try:
                 await self.source.open()
+                self._last_frame = time.monotonic()
+                self.camera_stalled = False
                 log.info("camera '%s' reconnected", self.config.camera.view)
                 backoff = RECONNECT_MIN_S
             except (UserError, RuntimeError, OSError) as exc:
@@ -417,6 +438,11 @@ class Daemon:
     async def _acquire(self) -> None:
         async for frame in self.source.frames():
             self.stats.frames += 1
+            self.metrics.frames.inc()
+            self._last_frame = time.monotonic()
+            if self.camera_stalled:
+                self.camera_stalled = False
+                log.info("camera '%s' delivers frames again", self.config.camera.view)
             if self.halted and not self._tickets:
                 self.stats.discarded_halted += 1  # a free-running camera keeps sending while halted
                 continue
@@ -432,6 +458,7 @@ class Daemon:
                 if ticket is not None:
                     ticket.result.set_exception(FrameDropped("classifier queue full"))
                 self.stats.dropped += 1
+                self.metrics.dropped.inc()
                 if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
                     log.warning("classifier busy: %d frames dropped so far", self.stats.dropped)
 
@@ -485,9 +512,12 @@ class Daemon:
             await self.store.append(result)
         except OSError as exc:
             self.stats.store_errors += 1
+            self.metrics.store_errors.inc()
             log.error("result %s could not be stored (%s); it is not published", result.result_id, exc)
             return
-        self.stats.stored_ms.append((time.perf_counter_ns() - frame.acquired_ns) / 1e6)
+        stored_ms = (time.perf_counter_ns() - frame.acquired_ns) / 1e6
+        self.stats.stored_ms.append(stored_ms)
+        self.metrics.observe(result, stored_ms)
         self.stats.latency_ms.append(result.latency["total_ms"])
         self.stats.judged += 1
         self.stats.dispositions[result.disposition] += 1
@@ -500,8 +530,10 @@ class Daemon:
                 await publish(result)
             except Exception:  # one broken publisher must not stop the line or the others
                 log.exception("publisher %s failed for result %s", publish, result.result_id)
-        if self.shadow is not None and frame.image is not None:
-            self.shadow.offer(result.result_id, frame.image)
+        if frame.image is not None:
+            self.image_health.observe(frame.image)
+            if self.shadow is not None:
+                self.shadow.offer(result.result_id, frame.image)
         ticket = frame.meta.get("ticket")
         if ticket is not None and not ticket.result.done():
             ticket.result.set_result(result)
@@ -516,13 +548,58 @@ class Daemon:
                          self.config.store.retention.max_age_days)
             await asyncio.sleep(3600)
 
+    async def _supervise(self) -> None:
+        """Camera stall detection, the systemd watchdog, and slow-changing gauges."""
+        watchdog = watchdog_interval_s()
+        tick = min(watchdog or 1.0, 1.0)
+        next_holds = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            self._check_camera()
+            if watchdog is not None and self._progressing():
+                notify("WATCHDOG=1", f"STATUS={self.state}, {self.stats.judged} parts judged")
+            if time.monotonic() >= next_holds:
+                next_holds = time.monotonic() + HOLDS_REFRESH_S
+                self.holds_waiting = await asyncio.to_thread(self.store.holds_waiting)
+
+    def _check_camera(self) -> None:
+        silent = time.monotonic() - self._last_frame
+        expect_frames = self.source.continuous and not (self.halted or self.source.finished)
+        if expect_frames and not self.camera_stalled and silent > self.config.camera.stall_timeout_s:
+            self.camera_stalled = True
+            log.error("camera '%s' stalled: no frame for %.1f s; reconnecting", self.config.camera.view,
+                      silent)
+            self._tasks.append(asyncio.create_task(self.source.close(), name="close-stalled-camera"))
+
+    def _progressing(self) -> bool:
+        """Feed the watchdog only while parts are judged, or while the line is idle by design."""
+        judged, since = self._last_judged
+        if self.stats.judged != judged:
+            self._last_judged = (self.stats.judged, time.monotonic())
+            return True
+        stuck = self._queue.qsize() > 0 and time.monotonic() - since > STUCK_AFTER_S
+        if stuck:
+            log.error("inference made no progress for %.0f s with %d frames waiting; not feeding the "
+                      "watchdog", time.monotonic() - since, self._queue.qsize())
+        return not stuck and not self.camera_stalled
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def camera_online(self) -> bool:
+        return self.source.online and not self.camera_stalled
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "running" if self.running else "stopped",
             "state": self.state,
             "line_id": self.config.line.line_id, "asset_id": self.config.line.asset_id,
             "camera": {"view": self.config.camera.view, "source": self.config.camera.source,
-                       "online": self.source.online, "finished": self.source_done},
+                       "online": self.camera_online, "stalled": self.camera_stalled,
+                       "finished": self.source_done, "image_health": self.image_health.summary()},
+            "holds_waiting": self.holds_waiting,
             "model_version": self.classifier.version if self.classifier else None,
             "shadow": {"version": self.shadow.version, "judged": self.shadow.judged,
                        "skipped": self.shadow.skipped} if self.shadow else None,

@@ -492,6 +492,16 @@ class Store:
             cur.close()
         return rows
 
+    def holds_waiting(self) -> int:
+        cur = self._cursor()
+        try:
+            row = cur.execute("SELECT count(*) FROM results r WHERE r.review IS NOT NULL AND NOT EXISTS "
+                              "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)"
+                              ).fetchone()
+        finally:
+            cur.close()
+        return int(row[0]) if row else 0
+
     def counts(self) -> dict[str, Any]:
         cur = self._cursor()
         try:

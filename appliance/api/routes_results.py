@@ -7,7 +7,8 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from appliance.api.deps import Operator, daemon_of
@@ -54,6 +55,13 @@ class ResultOut(BaseModel):
 class ResultPage(BaseModel):
     count: int
     results: list[ResultOut]
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition format (no log-in, like /health; the API listens on localhost)."""
+    body = await asyncio.to_thread(daemon_of(request).metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

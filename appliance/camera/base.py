@@ -44,6 +44,9 @@ class FrameSource(abc.ABC):
     """Base class of camera sources."""
 
     camera_view: str
+    finished: bool = False
+    """True once a finite source (a replay without loop) has delivered everything."""
+
 
     async def __aenter__(self) -> FrameSource:
         await self.open()
@@ -73,6 +76,11 @@ class FrameSource(abc.ABC):
     async def set_continuous(self, on: bool) -> None:
         """Switch between free-running and triggered acquisition at run time, where supported."""
         raise TriggerNotSupported(f"{type(self).__name__} cannot switch its acquisition mode at run time")
+
+    @property
+    def continuous(self) -> bool:
+        """Free-running (frames come by themselves) rather than one frame per trigger."""
+        return True
 
     @property
     def online(self) -> bool:

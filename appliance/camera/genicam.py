@@ -360,6 +360,11 @@ class GenICamSource(FrameSource):
         if self._failure is not None:
             raise GenICamError(self._failure)
 
+    @property
+    def continuous(self) -> bool:
+        camera = self._camera
+        return camera.continuous if camera is not None else not self.config.triggered
+
     async def trigger(self) -> None:
         camera = self._camera
         if camera is not None and camera.continuous:

@@ -50,7 +50,7 @@ class ReplaySource(FrameSource):
         self._reader: ThreadPoolExecutor | None = None
         self._closed = asyncio.Event()
         self._mode_changed = asyncio.Event()
-        self.continuous = not config.triggered
+        self._continuous = not config.triggered
         self.frames_emitted = 0
 
     async def open(self) -> None:
@@ -69,9 +69,13 @@ class ReplaySource(FrameSource):
             await super().trigger()
         self._triggers.put_nowait(None)
 
+    @property
+    def continuous(self) -> bool:
+        return self._continuous
+
     async def set_continuous(self, on: bool) -> None:
-        if on != self.continuous:
-            self.continuous = on
+        if on != self._continuous:
+            self._continuous = on
             self._mode_changed.set()
 
     async def frames(self) -> AsyncIterator[Frame]:
@@ -82,6 +86,7 @@ class ReplaySource(FrameSource):
         while not self._closed.is_set():
             if index == len(self.items):
                 if not self.config.loop:
+                    self.finished = True
                     return
                 index = 0
             if not self.continuous:
