@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -67,7 +68,8 @@ async def test_stalled_camera_is_reported_and_reconnected(tmp_path: Path, line_c
     assert daemon.stats.judged >= 10, "frames flow again after the reconnect"
 
 
-async def test_systemd_ready_and_watchdog(tmp_path: Path, line_config, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_systemd_ready_and_watchdog(tmp_path: Path, line_config,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     images = tmp_path / "img"
     write_grade_images(images, ["0", "1"] * 5)
     sock_path = tmp_path / "notify.sock"
@@ -89,10 +91,8 @@ async def test_systemd_ready_and_watchdog(tmp_path: Path, line_config, monkeypat
                 await asyncio.sleep(0.05)
     finally:
         await daemon.stop()
-        try:
+        with contextlib.suppress(TimeoutError):
             messages.append(listener.recv(4096).decode())
-        except TimeoutError:
-            pass
         listener.close()
     assert messages[0].startswith("READY=1")
     assert sum("WATCHDOG=1" in m for m in messages) >= 3

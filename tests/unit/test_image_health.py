@@ -13,7 +13,8 @@ def scene(brightness: float = 120, shift: int = 0, blur: bool = False) -> np.nda
     img += RNG.normal(0, 20, img.shape)
     if blur:
         for _ in range(3):
-            img = (img + np.roll(img, 1, 0) + np.roll(img, -1, 0) + np.roll(img, 1, 1) + np.roll(img, -1, 1)) / 5
+            shifted = [np.roll(img, d, axis) for d in (1, -1) for axis in (0, 1)]
+            img = (img + sum(shifted)) / 5
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
