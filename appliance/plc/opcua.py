@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from asyncua import Server, ua
-from asyncua.common.event_objects import BaseEvent
 from asyncua.crypto.permission_rules import SimpleRoleRuleset
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256, SecurityPolicyNone
 
@@ -32,7 +31,7 @@ from appliance.model_package import CARD_FILE, ModelCard
 from appliance.plc.opcua_control import InputWriteService, Jobs, LineControl
 from appliance.plc.opcua_pki import Pki, default_hostnames
 from appliance.plc.opcua_query import ResultQueries
-from appliance.plc.opcua_results import Reported, ResultEncoder
+from appliance.plc.opcua_results import Reported, ResultEncoder, ResultReadyEvent
 from appliance.plc.opcua_security import AccountManager, SecureInternalServer, load_accounts
 from appliance.result import PartResult
 from opcua_model import LoadedModel, load_model
@@ -46,17 +45,6 @@ STATE_POLL_S = 0.2
 VISION_STATES = {"preoperational": "Preoperational", "operational": "Operational", "halted": "Halted",
                  "error": "Error"}
 EVENT_SEVERITY = {"pass": 100, "hold": 400, "rework": 500, "reject": 700}
-EVENT_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
-    ("IsPartial", ua.VariantType.Boolean), ("IsSimulated", ua.VariantType.Boolean),
-    ("ResultState", ua.VariantType.Int32), ("MeasId", ua.VariantType.ExtensionObject),
-    ("PartId", ua.VariantType.ExtensionObject), ("ExternalRecipeId", ua.VariantType.ExtensionObject),
-    ("InternalRecipeId", ua.VariantType.ExtensionObject), ("ProductId", ua.VariantType.ExtensionObject),
-    ("ExternalConfigurationId", ua.VariantType.ExtensionObject),
-    ("InternalConfigurationId", ua.VariantType.ExtensionObject), ("JobId", ua.VariantType.ExtensionObject),
-    ("ResultId", ua.VariantType.ExtensionObject), ("CreationTime", ua.VariantType.DateTime),
-    ("ProcessingTimes", ua.VariantType.ExtensionObject), ("ResultContent", ua.VariantType.ExtensionObject),
-)
-"""Every property of ResultReadyEventType, each with its explicit type (an untyped one goes out Null)."""
 
 LATEST: tuple[tuple[str, ua.VariantType], ...] = (
     ("ResultId", ua.VariantType.String), ("Sequence", ua.VariantType.UInt32),
@@ -70,47 +58,6 @@ LATEST: tuple[tuple[str, ua.VariantType], ...] = (
 )
 NEVER = datetime(1601, 1, 1, tzinfo=UTC)
 """OPC UA's minimum DateTime, the value of a time that has not happened yet."""
-
-
-class ResultReadyEvent(BaseEvent):
-    """The one event object of a server, refilled for every result (fields typed once, here)."""
-
-    EventId: bytes
-    EventType: ua.NodeId
-    SourceName: str
-    Time: datetime
-    ReceiveTime: datetime
-    Message: ua.LocalizedText
-    Severity: int
-
-    def __init__(self, source: ua.NodeId, event_type: ua.NodeId) -> None:
-        self._variants: dict[str, ua.Variant] = {}  # before Event.__init__: not an event field
-        super().__init__(sourcenode=source)
-        self.EventType = event_type
-        self.SourceName = "VisionSystem"
-        for name, vtype in EVENT_FIELDS:
-            self.add_property(name, None, vtype)
-
-    def refill(self, fields: dict[str, ua.Variant]) -> None:
-        for name, variant in fields.items():
-            setattr(self, name, variant.Value)
-        self._variants = dict(fields)
-
-    def to_event_fields(self, select_clauses: list[ua.SimpleAttributeOperand]) -> list[ua.Variant]:
-        """asyncua deep-copies every field for every subscriber (most of the cost of an event);
-        :meth:`refill` installs new values for every result and none is changed afterwards, so the
-        Variants are built once and shared."""
-        out = []
-        for clause in select_clauses:
-            name = (self.browse_path_to_attribute_name(clause.BrowsePath) if clause.BrowsePath
-                    else ua.AttributeIds(clause.AttributeId).name)
-            variant = self._variants.get(name)
-            if variant is None:
-                value = getattr(self, name, None)
-                variant = ua.Variant() if value is None else ua.Variant(value, self.data_types[name])
-                self._variants[name] = variant
-            out.append(variant)
-        return out
 
 
 def _encrypt_passwords(server: Server) -> None:
@@ -328,12 +275,19 @@ class OpcUaEndpoint:
 
     # -- state machines, recipe, consumed inputs -------------------------------------------------
     async def _sync_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(STATE_POLL_S)
             try:
                 await self.sync_state()
-            except Exception:  # keep mirroring the line whatever one write did
-                log.exception("OPC UA state update failed")
+            except Exception:  # keep mirroring the line whatever one update did; log it once
+                if not failing:
+                    log.exception("OPC UA state update failed")
+                failing = True
+            else:
+                if failing:
+                    log.info("OPC UA state updates work again")
+                failing = False
 
     async def sync_state(self) -> None:
         """Mirror the daemon into the state machines, the recipe and the consumed inputs."""

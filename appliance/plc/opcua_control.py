@@ -324,7 +324,8 @@ class InputWriteService(AttributeService):
     async def _write_input(self, item: ua.WriteValue, handler: InputHandler) -> ua.StatusCode:
         variant = item.Value.Value if item.Value is not None else None
         current = self._aspace.read_attribute_value(item.NodeId, ua.AttributeIds.Value).Value
-        if variant is None or current is None or variant.VariantType != current.VariantType:
+        if (variant is None or current is None or variant.VariantType != current.VariantType
+                or variant.is_array != current.is_array):
             return status(Bad.BadTypeMismatch)
         try:
             stored = await handler(variant.Value)

@@ -127,27 +127,30 @@ class Pki:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise ServiceError(ua.StatusCodes.BadCertificateTimeInvalid)
         if thumbprint(cert) not in self.trusted_thumbprints():
-            path = self._reject(cert, app)
-            log.warning("OPC UA client %r refused: its certificate is not trusted. To trust it, move %s "
-                        "into %s/", app.ApplicationUri, path, self.trusted)
+            path, new = self._reject(cert, app)
+            (log.warning if new else log.debug)(  # once per certificate, however often the client retries
+                "OPC UA client %r refused: its certificate is not trusted. To trust it, move %s into %s/",
+                app.ApplicationUri, path, self.trusted)
             raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
         with contextlib.suppress(x509.ExtensionNotFound):
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             if app.ApplicationUri not in san.get_values_for_type(x509.UniformResourceIdentifier):
                 raise ServiceError(ua.StatusCodes.BadCertificateUriInvalid)
 
-    def _reject(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> Path:
+    def _reject(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> tuple[Path, bool]:
+        """Keep the refused certificate in ``rejected/``; returns its path and whether it is new."""
         names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         common = str(names[0].value) if names else (app.ApplicationUri or "client")
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", common)[:60]
         path = self.rejected / f"{safe}[{thumbprint(cert)}].der"
-        if not path.exists():
-            try:
-                self.rejected.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-            except OSError as exc:
-                log.error("cannot write rejected certificate %s: %s", path, exc)
-        return path
+        if path.exists():
+            return path, False
+        try:
+            self.rejected.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+        except OSError as exc:
+            log.error("cannot write rejected certificate %s: %s", path, exc)
+        return path, True
 
 
 def default_hostnames(listen_host: str) -> list[str]:

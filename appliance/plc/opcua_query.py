@@ -70,7 +70,10 @@ class ResultQueries:
     async def get_result_list_filtered(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
         values = [a.Value for a in args] + [None] * (12 - len(args))
         state, meas, part, ext_recipe, int_recipe, ext_conf, int_conf, product, job = values[:9]
-        max_results, start_index = int(values[9] or 0), int(values[10] or 0)
+        try:
+            state, max_results, start_index = int(state or 0), int(values[9] or 0), int(values[10] or 0)
+        except (TypeError, ValueError):
+            return status(Bad.BadTypeMismatch)
         try:
             unsupported = [name for name, v in (("measId", meas), ("externalRecipeId", ext_recipe),
                                                 ("externalConfigurationId", ext_conf),
@@ -85,7 +88,7 @@ class ResultQueries:
             log.info("GetResultListFiltered: unsupported filters %s", unsupported)
             return status(Bad.BadNotSupported)
         limit = min(max_results or MAX_LIST, MAX_LIST)
-        wanted = {0: None, RESULT_COMPLETED: "ok", RESULT_FAILED: "failed"}.get(int(state or 0), "none")
+        wanted = {0: None, RESULT_COMPLETED: "ok", RESULT_FAILED: "failed"}.get(state, "none")
         if job_id:
             ids = self.jobs.results_of(job_id)
             results = [r for rid in ids if (r := self._recent.get(rid)) is not None]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asyncua import ua
+from asyncua.common.event_objects import BaseEvent
 
 from appliance.config import DISPOSITIONS, PlcReportConfig
 from appliance.model_package import ModelCard
@@ -24,6 +25,18 @@ RESULT_COMPLETED, RESULT_FAILED = 1, 4
 """ResultStateDataType values (OPC 40100-1 12.19)."""
 
 CardLookup = Callable[[str | None], ModelCard | None]
+
+EVENT_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
+    ("IsPartial", ua.VariantType.Boolean), ("IsSimulated", ua.VariantType.Boolean),
+    ("ResultState", ua.VariantType.Int32), ("MeasId", ua.VariantType.ExtensionObject),
+    ("PartId", ua.VariantType.ExtensionObject), ("ExternalRecipeId", ua.VariantType.ExtensionObject),
+    ("InternalRecipeId", ua.VariantType.ExtensionObject), ("ProductId", ua.VariantType.ExtensionObject),
+    ("ExternalConfigurationId", ua.VariantType.ExtensionObject),
+    ("InternalConfigurationId", ua.VariantType.ExtensionObject), ("JobId", ua.VariantType.ExtensionObject),
+    ("ResultId", ua.VariantType.ExtensionObject), ("CreationTime", ua.VariantType.DateTime),
+    ("ProcessingTimes", ua.VariantType.ExtensionObject), ("ResultContent", ua.VariantType.ExtensionObject),
+)
+"""Every property of ResultReadyEventType, each with its explicit type (an untyped one goes out Null)."""
 
 
 def disposition_code(disposition: str) -> int:
@@ -138,6 +151,47 @@ class ResultEncoder:
         values = {name: v.Value for name, v in self.fields(result, job_id, content).items()}
         values["ResultContent"] = [ua.Variant(content, ua.VariantType.ExtensionObject)]  # a Variant field
         return self.model.new("ResultDataType", **values)
+
+
+class ResultReadyEvent(BaseEvent):
+    """The one event object of a server, refilled for every result (fields typed once, here)."""
+
+    EventId: bytes
+    EventType: ua.NodeId
+    SourceName: str
+    Time: datetime
+    ReceiveTime: datetime
+    Message: ua.LocalizedText
+    Severity: int
+
+    def __init__(self, source: ua.NodeId, event_type: ua.NodeId) -> None:
+        self._variants: dict[str, ua.Variant] = {}  # before Event.__init__: not an event field
+        super().__init__(sourcenode=source)
+        self.EventType = event_type
+        self.SourceName = "VisionSystem"
+        for name, vtype in EVENT_FIELDS:
+            self.add_property(name, None, vtype)
+
+    def refill(self, fields: dict[str, ua.Variant]) -> None:
+        for name, variant in fields.items():
+            setattr(self, name, variant.Value)
+        self._variants = dict(fields)
+
+    def to_event_fields(self, select_clauses: list[ua.SimpleAttributeOperand]) -> list[ua.Variant]:
+        """asyncua deep-copies every field for every subscriber (most of the cost of an event);
+        :meth:`refill` installs new values for every result and none is changed afterwards, so the
+        Variants are built once and shared."""
+        out = []
+        for clause in select_clauses:
+            name = (self.browse_path_to_attribute_name(clause.BrowsePath) if clause.BrowsePath
+                    else ua.AttributeIds(clause.AttributeId).name)
+            variant = self._variants.get(name)
+            if variant is None:
+                value = getattr(self, name, None)
+                variant = ua.Variant() if value is None else ua.Variant(value, self.data_types[name])
+                self._variants[name] = variant
+            out.append(variant)
+        return out
 
 
 def result_from_row(row: dict[str, Any]) -> PartResult:

@@ -14,9 +14,8 @@ from asyncua.ua.ua_binary import extensionobject_from_binary, extensionobject_to
 
 from appliance.config import PlcReportConfig
 from appliance.model_package import CardHead, ModelCard, ModelInput
-from appliance.plc.opcua import EVENT_FIELDS
 from appliance.plc.opcua_control import ArgumentError, Jobs, process_values, text_id
-from appliance.plc.opcua_results import ResultEncoder, result_from_row
+from appliance.plc.opcua_results import EVENT_FIELDS, ResultEncoder, result_from_row
 from appliance.result import HeadResult, PartResult
 from opcua_model import APP_NAMESPACE, MV_NAMESPACE, LoadedModel, load_model
 
