@@ -21,6 +21,7 @@ app = typer.Typer(
 
 T = TypeVar("T")
 DEFAULT_CONFIG = Path("configs/default.yaml")
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")]
 
 
 def _user_errors(fn: Callable[[], T]) -> T:
@@ -184,6 +185,27 @@ def retrain_worker(job: Annotated[Path, typer.Option(help="Job folder written by
     _user_errors(lambda: run_worker(job))
 
 
+@app.command("retrain-service", hidden=True)
+def retrain_service(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """(appliance-retrain.service) run retraining jobs the daemon queues, one at a time."""
+    import signal
+
+    from appliance.logs import setup_logging
+    from appliance.retrain import serve_jobs
+
+    _user_errors(_need_training_extra)
+    cfg = _user_errors(lambda: load_config(config))
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    _user_errors(lambda: serve_jobs(cfg.state_dir / "retrain", lambda: stopping))
+
+
 @app.command("import-elpv")
 def import_elpv_cmd(out: Annotated[Path, typer.Argument(help="Dataset folder to create.")],
                     seed: int = 0) -> None:
@@ -198,7 +220,6 @@ def import_elpv_cmd(out: Annotated[Path, typer.Argument(help="Dataset folder to 
 users_app = typer.Typer(help="Users and roles (operator < engineer < admin) of the dashboard and API.",
                         no_args_is_help=True)
 app.add_typer(users_app, name="user")
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Configuration (for state_dir).")]
 
 
 def _users(config: Path) -> Any:

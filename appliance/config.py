@@ -216,6 +216,10 @@ class RegistryConfig(Strict):
     base_dataset: Path | None = Field(
         default=None,
         description="Dataset folder that retraining starts from; verified review labels are added.")
+    retrain_runner: Literal["subprocess", "service"] = Field(
+        default="subprocess",
+        description="subprocess: the daemon starts the worker (nice 10); service: the daemon queues the "
+                    "job for appliance-retrain.service (its own cgroup, CPUWeight and idle I/O).")
     retrain_recipe: Path | None = Field(
         default=None, description="YAML file of TrainRecipe settings for retraining (defaults if absent).")
     shadow_max_pending: int = Field(

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,8 +108,29 @@ def run_worker(job: Path) -> None:
 
     card = train_model(job / "dataset", job / "candidate", recipe, parent_version=spec.get("parent_version"),
                        progress=report)
-    write_progress(job, phase="trained", progress=1.0, message=f"candidate {card.version}",
+    write_progress(job, phase=TRAINED, progress=1.0, message=f"candidate {card.version}",
                    candidate_version=card.version)
+
+
+QUEUED, CLAIMED, TRAINED, FAILED = "queued", "claimed", "trained", "failed"
+SERVICE_POLL_S = 2.0
+
+
+def serve_jobs(retrain_dir: Path, stop: Callable[[], bool]) -> None:
+    """The retraining service: run queued jobs one at a time until ``stop()``."""
+    while not stop():
+        for job in sorted(retrain_dir.glob("*/job.json")):
+            folder = job.parent
+            if read_progress(folder).get("phase") != QUEUED:
+                continue
+            write_progress(folder, phase=CLAIMED, progress=0.0, message="picked up by the retraining service")
+            log.info("retraining job %s started", folder.name)
+            try:
+                run_worker(folder)
+            except Exception as exc:  # report any failure to the daemon instead of dying with it
+                log.exception("retraining job %s failed", folder.name)
+                write_progress(folder, phase=FAILED, progress=0.0, message=f"{type(exc).__name__}: {exc}")
+        time.sleep(SERVICE_POLL_S)
 
 
 def _lower_priority() -> None:
@@ -177,25 +199,34 @@ class Retrainer:
 
             recipe, _ = load_yaml_with_lines(cfg.resolve(cfg.registry.retrain_recipe))
         (folder / "job.json").write_text(json.dumps({"parent_version": champion, "recipe": recipe or {}}))
-        write_progress(folder, phase="starting", progress=0.0, message="starting the training process")
         self.job = RetrainJob(job_id, folder, by, counts=counts)
-        log_file = (folder / "worker.log").open("wb")
-        self.job.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "appliance", "retrain-worker", "--job", str(folder),
-            stdout=log_file, stderr=asyncio.subprocess.STDOUT, preexec_fn=_lower_priority)
-        log_file.close()
+        if cfg.registry.retrain_runner == "service":
+            write_progress(folder, phase=QUEUED, progress=0.0,
+                           message="waiting for appliance-retrain.service")
+        else:
+            write_progress(folder, phase="starting", progress=0.0, message="starting the training process")
+            with (folder / "worker.log").open("wb") as log_file:
+                self.job.process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "appliance", "retrain-worker", "--job", str(folder),
+                    stdout=log_file, stderr=asyncio.subprocess.STDOUT, preexec_fn=_lower_priority)
         self._task = asyncio.create_task(self._follow(self.job), name="retrain")
         log.info("retraining %s started by %s: %s", job_id, by, counts)
         return self.job
 
     async def _follow(self, job: RetrainJob) -> None:
-        assert job.process is not None
         started = time.monotonic()
-        code = await job.process.wait()
-        if code != 0:
-            job.state = "failed"
-            tail = (job.folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
-            job.message = f"training process exited with {code}: " + " | ".join(tail)
+        if job.process is not None:
+            code = await job.process.wait()
+            failure = None
+            if code != 0:
+                tail = (job.folder / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
+                failure = f"training process exited with {code}: " + " | ".join(tail)
+        else:  # queued for the retraining service
+            while (phase := read_progress(job.folder).get("phase")) not in (TRAINED, FAILED):
+                await asyncio.sleep(1.0)
+            failure = read_progress(job.folder).get("message") if phase == FAILED else None
+        if failure is not None:
+            job.state, job.message = "failed", failure
             log.error("retraining %s failed: %s", job.job_id, job.message)
             return
         try:
