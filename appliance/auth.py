@@ -42,7 +42,7 @@ class Identity:
     role: Role
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -70,7 +70,7 @@ class UserStore:
         return data.get("users", {})
 
     def _save(self, users: dict[str, dict[str, str]]) -> None:
-        _write_private(self.path, json.dumps({"users": users}, indent=2).encode())
+        write_private(self.path, json.dumps({"users": users}, indent=2).encode())
 
     def list(self) -> list[Identity]:
         return [Identity(name, u["role"]) for name, u in sorted(self._load().items())]  # type: ignore[arg-type]
@@ -114,7 +114,7 @@ class TokenIssuer:
             self._key = secret_path.read_bytes()
         except FileNotFoundError:
             self._key = secrets.token_bytes(32)
-            _write_private(secret_path, self._key)
+            write_private(secret_path, self._key)
 
     def issue(self, who: Identity) -> tuple[str, datetime]:
         expires = datetime.now(UTC) + self.ttl

@@ -83,24 +83,44 @@ def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo line configuration.")] = DEFAULT_CONFIG,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: run "
                                                         "until Ctrl+C).")] = None,
+    dashboard_port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8501,
 ) -> None:
     """Train the demo model from ELPV if there is none, then run the simulated line."""
-    from appliance.demo import prepare_demo
+    from appliance.demo import CREDENTIALS_FILE, demo_credentials, prepare_demo, start_dashboard
 
     cfg = _user_errors(lambda: load_config(config))
     _user_errors(lambda: prepare_demo(cfg))
+    creds = _user_errors(lambda: demo_credentials(cfg))
+    dashboard: Any = None
 
     def announce(daemon: Any) -> None:
+        nonlocal dashboard
         base = f"http://{cfg.api.host}:{daemon.api_port}"
+        dashboard = start_dashboard(base, dashboard_port)
+        logins = ", ".join(f"{role} / {pw}" for role, pw in creds["dashboard"].items())
         typer.secho("\nline running — the simulated line replays held-out ELPV solar cells", bold=True)
         typer.echo(f"  model      {daemon.classifier.version}  (registry: {cfg.models_dir})")
-        typer.echo(f"  HTTP API   {base}/api/v1/health   results: {base}/api/v1/results?limit=10")
-        typer.echo(f"  API docs   {base}/docs")
+        if dashboard is not None:
+            typer.echo(f"  dashboard  http://127.0.0.1:{dashboard_port}   log in: {logins}")
+        typer.echo(f"  HTTP API   {base}/api/v1/health   docs: {base}/docs")
+        if cfg.opcua.enabled:
+            typer.echo(f"  OPC UA     opc.tcp://{cfg.opcua.host}:{cfg.opcua.port}   SignAndEncrypt, user "
+                       f"{os.environ['APPLIANCE_OPCUA_USER']} / {os.environ['APPLIANCE_OPCUA_PASSWORD']}"
+                       f"   (trust your client's certificate: README, PLC guide)")
+        if cfg.modbus.enabled:
+            typer.echo(f"  Modbus TCP {cfg.modbus.host}:{cfg.modbus.port}   unit {cfg.modbus.unit_id}, "
+                       "register map: configs/modbus_map.yaml")
+        typer.echo(f"  metrics    {base}/api/v1/metrics")
         typer.echo(f"  database   {cfg.resolve(cfg.store.path)}  (owned by the daemon; query via the API)")
-        typer.echo(f"  images     {cfg.resolve(cfg.store.archive_dir)}")
+        typer.echo(f"  logins     {cfg.state_dir / CREDENTIALS_FILE}")
         typer.echo("  stop       Ctrl+C\n")
 
-    _user_errors(lambda: asyncio.run(_serve(cfg, duration, announce)))
+    try:
+        _user_errors(lambda: asyncio.run(_serve(cfg, duration, announce)))
+    finally:
+        if dashboard is not None:
+            dashboard.terminate()
+            dashboard.wait(10)
 
 
 @app.command()

@@ -1,15 +1,25 @@
-"""What `appliance demo` prepares before the line starts: the ELPV dataset and a trained model."""
+"""What `appliance demo` prepares and starts: ELPV, a trained model, demo logins, the dashboard."""
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import typer
 
 from appliance.config import AppConfig
 from appliance.errors import UserError
 from appliance.registry import ModelRegistry
+
+CREDENTIALS_FILE = "demo-credentials.json"
+DEMO_ROLES = ("operator", "engineer", "admin")
+DASHBOARD_APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
 
 def prepare_demo(cfg: AppConfig) -> None:
@@ -45,3 +55,38 @@ def prepare_demo(cfg: AppConfig) -> None:
     registry.register(staging)
     registry.set_champion(card.version)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def demo_credentials(cfg: AppConfig) -> dict[str, dict[str, str]]:
+    """Logins for the demo: one user per role and an OPC UA operator, made once and kept 0600.
+
+    Nothing here is a default password: each is random, written only to the state directory.
+    """
+    from appliance.auth import UserStore, write_private
+
+    path = cfg.state_dir / CREDENTIALS_FILE
+    users = UserStore(cfg.state_dir / "users.json")
+    try:
+        creds: dict[str, dict[str, str]] = json.loads(path.read_text())
+    except FileNotFoundError:
+        creds = {"dashboard": {role: secrets.token_urlsafe(9) for role in DEMO_ROLES},
+                 "opcua": {"user": "plc", "password": secrets.token_urlsafe(12)}}
+        write_private(path, json.dumps(creds, indent=2).encode())
+    known = {u.name for u in users.list()}
+    for role, password in creds["dashboard"].items():
+        if role not in known:
+            users.set(role, role, password)
+    os.environ.setdefault("APPLIANCE_OPCUA_USER", creds["opcua"]["user"])
+    os.environ.setdefault("APPLIANCE_OPCUA_PASSWORD", creds["opcua"]["password"])
+    return creds
+
+
+def start_dashboard(api_url: str, port: int = 8501) -> subprocess.Popen[bytes] | None:
+    """The Streamlit dashboard as a child process (it talks only to the API)."""
+    if not DASHBOARD_APP.is_file():
+        return None
+    env = {**os.environ, "APPLIANCE_API_URL": api_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(DASHBOARD_APP), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
