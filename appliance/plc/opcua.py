@@ -99,6 +99,7 @@ class OpcUaEndpoint:
         self._event: ResultReadyEvent | None = None
         self._emitters: tuple[ua.NodeId, ...] = ()
         self._latest: list[ua.NodeId] = []
+        self._latest_shown: list[Any] = [None] * len(LATEST)
         self._shown: dict[str, Any] = {}
         self._cards: dict[str, ModelCard | None] = {}
         self._sync_task: asyncio.Task[None] | None = None
@@ -246,18 +247,24 @@ class OpcUaEndpoint:
         for emitter in self._emitters:
             event.emitting_node = emitter
             await subscriptions.trigger_event(event)
-        latest = self._latest_values(result, reported, content)
-        await self._write(list(zip(self._latest, latest, strict=True)), source_time=result.decided_at)
+        await self._write(self._latest_changes(result, reported, content), source_time=result.decided_at)
         if self._shown.get("auto") == "SingleExecution":
             await self.sync_state()
 
-    @staticmethod
-    def _latest_values(result: PartResult, rep: Reported, content: Any) -> list[ua.Variant]:
+    def _latest_changes(self, result: PartResult, rep: Reported,
+                        content: Any) -> list[tuple[ua.NodeId, ua.Variant]]:
+        """The LatestResult variables whose value changed (Disposition, Batch … often repeat;
+        Sequence, ResultId and Content change with every result)."""
         values = [result.result_id, result.seq & 0xFFFFFFFF, result.part_id or "", result.batch or "",
                   rep.disposition, rep.disposition_code, rep.defect_type, rep.defect_type_code, rep.severity,
                   rep.severity_code, rep.confidence, result.model_version or "", result.status,
                   result.acquired_at, float(result.latency.get("total_ms", 0.0)), content]
-        return [ua.Variant(v, t) for v, (_, t) in zip(values, LATEST, strict=True)]
+        changes = [(nid, ua.Variant(value, vtype))
+                   for nid, value, old, (_, vtype) in zip(self._latest, values, self._latest_shown, LATEST,
+                                                           strict=True)
+                   if value != old]
+        self._latest_shown = values
+        return changes
 
     async def _write(self, items: list[tuple[ua.NodeId, ua.Variant]],
                      source_time: datetime | None = None) -> None:

@@ -65,6 +65,7 @@ class ResultEncoder:
         self.cards = cards
         self.simulated = simulated
         self.configuration_id = configuration_id
+        self._recipes: dict[str | None, Any] = {}
 
     # -- the defect content ----------------------------------------------------------------------
     def _head_names(self, card: ModelCard | None) -> tuple[str | None, str | None]:
@@ -115,12 +116,18 @@ class ResultEncoder:
 
     # -- Machine Vision structures ---------------------------------------------------------------
     def recipe_id(self, version: str | None) -> Any:
-        """RecipeIdInternalDataType: the model version, with the sha256 of its model.onnx."""
-        card = self.cards(version)
-        recipe = self.model.new("RecipeIdInternalDataType", Id=version or "")
-        if card is not None:
-            recipe.Hash = bytes.fromhex(card.onnx_sha256)
-            recipe.HashAlgorithm = "SHA-256"
+        """RecipeIdInternalDataType: the model version, with the sha256 of its model.onnx.
+
+        Built once per version and shared: nothing changes these structures after they are made.
+        """
+        recipe = self._recipes.get(version)
+        if recipe is None:
+            card = self.cards(version)
+            recipe = self.model.new("RecipeIdInternalDataType", Id=version or "")
+            if card is not None:
+                recipe.Hash = bytes.fromhex(card.onnx_sha256)
+                recipe.HashAlgorithm = "SHA-256"
+            self._recipes[version] = recipe
         return recipe
 
     def fields(self, result: PartResult, job_id: str, content: Any) -> dict[str, ua.Variant]:
