@@ -170,6 +170,7 @@ class OpcUaEndpoint:
         source_cfg = cam.replay if cam.source == "replay" else cam.genicam
         self.encoder = ResultEncoder(
             model, daemon.config.plc, self._card, simulated=cam.source == "replay",
+            judged_heads=daemon.config.disposition.heads,
             configuration_id=model.new(
                 "ConfigurationIdDataType", Id=f"{daemon.config.line.line_id}/{daemon.config.line.asset_id}",
                 Version=hashlib.sha256(daemon.config.model_dump_json().encode()).hexdigest()[:16]))

@@ -59,21 +59,16 @@ class Reported:
 
 class ResultEncoder:
     def __init__(self, model: LoadedModel, plc: PlcReportConfig, cards: CardLookup, *, simulated: bool,
-                 configuration_id: Any) -> None:
+                 configuration_id: Any, judged_heads: list[str] | None = None) -> None:
         self.model = model
         self.plc = plc
+        self.judged_heads = judged_heads
         self.cards = cards
         self.simulated = simulated
         self.configuration_id = configuration_id
         self._recipes: dict[str | None, Any] = {}
 
-    # -- the defect content ----------------------------------------------------------------------
-    def _head_names(self, card: ModelCard | None) -> tuple[str | None, str | None]:
-        names = {h.name for h in card.heads} if card is not None else set()
-        type_head = self.plc.type_head or ("defect_type" if "defect_type" in names else None)
-        severity_head = self.plc.severity_head or ("severity" if "severity" in names else None)
-        return type_head, severity_head
-
+    # -- the defect content (the same codes and confidence as the Modbus registers) ---------------
     @staticmethod
     def _code(card: ModelCard | None, head: str, label: str) -> int:
         if card is None:
@@ -85,10 +80,11 @@ class ResultEncoder:
 
     def reported(self, result: PartResult) -> Reported:
         card = self.cards(result.model_version)
-        type_head, severity_head = self._head_names(card)
+        type_head, severity_head = self.plc.type_head, self.plc.severity_head
         type_pred = result.head(type_head) if type_head else None
         severity_pred = result.head(severity_head) if severity_head else None
-        confidences = [p.confidence for p in result.predictions]
+        judged = self.judged_heads
+        confidences = [p.confidence for p in result.predictions if judged is None or p.head in judged]
         return Reported(
             disposition=result.disposition, disposition_code=disposition_code(result.disposition),
             defect_type=type_pred.label if type_pred else "",

@@ -122,9 +122,13 @@ def _result(status: str = "ok") -> PartResult:
                       latency={"inference_ms": 4.0, "decide_ms": 0.5, "total_ms": 6.0})
 
 
-def _encoder(model: LoadedModel, plc: PlcReportConfig | None = None) -> ResultEncoder:
-    return ResultEncoder(model, plc or PlcReportConfig(), lambda v: CARD if v == "v1" else None,
-                         simulated=False, configuration_id=model.new("ConfigurationIdDataType", Id="l/a"))
+REPORTED = PlcReportConfig(type_head="defect_type", severity_head="severity")
+
+
+def _encoder(model: LoadedModel, plc: PlcReportConfig = REPORTED,
+             judged: list[str] | None = None) -> ResultEncoder:
+    return ResultEncoder(model, plc, lambda v: CARD if v == "v1" else None, simulated=False,
+                         configuration_id=model.new("ConfigurationIdDataType", Id="l/a"), judged_heads=judged)
 
 
 @pytest.mark.parametrize("status", ["ok", "failed"])
@@ -146,9 +150,13 @@ def test_every_event_field_is_typed_and_set(loaded: dict[str, Any], status: str)
 def test_codes_follow_the_model_card_and_the_plc_config(loaded: dict[str, Any]) -> None:
     content = _encoder(loaded["model"]).content(_result())
     assert (content.DefectType, content.DefectTypeCode, content.Severity, content.SeverityCode) == (
-        "finger", 3, "high", 2)  # defect_type/severity heads found by name
+        "finger", 3, "high", 2)
     assert (content.Disposition, content.DispositionCode, content.Batch) == ("reject", 3, "")
     assert math.isclose(content.Confidence, 0.7) and [h.Code for h in content.Heads] == [3, 2]
+    judged = _encoder(loaded["model"], judged=["defect_type"]).content(_result())
+    assert math.isclose(judged.Confidence, 0.91)  # only the heads the disposition judges on
+    unset = _encoder(loaded["model"], PlcReportConfig()).content(_result())
+    assert (unset.DefectType, unset.DefectTypeCode, unset.Severity, unset.SeverityCode) == ("", 0, "", 0)
     swapped = _encoder(loaded["model"], PlcReportConfig(type_head="severity", severity_head="defect_type"))
     content = swapped.content(_result())
     assert (content.DefectType, content.DefectTypeCode, content.Severity, content.SeverityCode) == (
