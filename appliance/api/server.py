@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from appliance import __version__
-from appliance.api import routes_auth, routes_models, routes_results, routes_review
+from appliance.api import routes_analytics, routes_auth, routes_models, routes_results, routes_review
 from appliance.errors import UserError
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def build_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(title="Defect appliance API", version=__version__,
                   description="Results, review, models and health of one inspection station.")
     app.state.daemon = daemon
-    for module in (routes_results, routes_auth, routes_review, routes_models):
+    for module in (routes_results, routes_auth, routes_review, routes_models, routes_analytics):
         app.include_router(module.router, prefix=API_PREFIX)
     return app
 
