@@ -64,7 +64,11 @@ const call = await session.call({ objectId: automatic, methodId: startSingleJob,
     { dataType: DataType.ExtensionObject, value: null }, { dataType: DataType.ExtensionObject, value: null },
     { dataType: DataType.Variant, arrayType: VariantArrayType.Array, value: [] },
 ] });
-console.log("StartSingleJob:", call.statusCode.name, "jobId", call.outputArguments[0].value.id);
+if (call.statusCode.name === "Good") {
+    console.log("StartSingleJob: Good, jobId", call.outputArguments[0].value.id);
+} else {  // e.g. BadInvalidState: the camera runs free (the demo); its next result comes anyway
+    console.log("StartSingleJob:", call.statusCode.name);
+}
 
 const [time, resultId, jobId, state, content] = await received;
 const defect = content.value[0]; // DefectResultDataType, decoded from the server's DataTypeDefinition
