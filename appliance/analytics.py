@@ -383,11 +383,9 @@ class Analytics:
                 "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded) GROUP BY ALL"
             ).fetchall()
         waits = {review: int(n) for review, n in waiting}
-        # the current minute has only just begun: the rate is over the last complete minutes
-        complete = [per_minute[m] for m in range(end - minutes + 1, end)]
         return {
             "now": now, "window_minutes": minutes, "parts": total,
-            "parts_per_min": round(sum(complete) / max(1, len(complete)), 2),
+            "parts_per_min": _throughput(per_minute, end, now),
             "mix": mix, "defect_rate": _rate(mix["rework"] + mix["reject"],
                                              mix["pass"] + mix["rework"] + mix["reject"]),
             "holds_waiting": waits.get("hold", 0), "audits_waiting": waits.get("audit", 0),
@@ -679,6 +677,18 @@ def _arrow(cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> 
     relation = cur.sql(sql, params=params)
     assert relation is not None, "a SELECT always has a result"
     return relation.to_arrow_table()
+
+
+def _throughput(per_minute: dict[int, int], end: int, now: datetime) -> float:
+    """Parts per minute over the complete minutes since the line started in the window (a line
+    that started two minutes ago is not averaged with thirteen empty ones); before the first
+    complete minute, the current minute's count extrapolated."""
+    active = [m for m, n in per_minute.items() if n]
+    complete = [per_minute[m] for m in range(min(active), end)] if active else []
+    if complete:
+        return round(sum(complete) / len(complete), 2)
+    elapsed = max(10.0, now.second + now.microsecond / 1e6) / 60
+    return round(per_minute.get(end, 0) / elapsed, 2)
 
 
 def _json_key(key: str) -> str:

@@ -1,0 +1,99 @@
+"""What every page shares: the session's API client and role, disposition colours, page styling.
+
+Colours are fixed per disposition everywhere (charts, badges, tables) so a glance across the
+plant floor reads the same on every page: pass green, rework amber, reject red, hold blue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from dashboard.api_client import Api, ApiError
+
+T = TypeVar("T")
+
+DISPOSITION_COLOURS = {"pass": "#1E8E3E", "rework": "#E8A200", "reject": "#D93025", "hold": "#1A73E8"}
+DISPOSITIONS = tuple(DISPOSITION_COLOURS)
+ROLES = ("operator", "engineer", "admin")
+NEUTRAL = "#5F6368"
+
+CSS = """
+<style>
+  [data-testid="stMetricValue"] { font-size: 2.4rem; font-weight: 700; }
+  [data-testid="stMetricLabel"] p { font-size: 1.0rem; }
+  .badge { display: inline-block; padding: 0.15rem 0.6rem; border-radius: 0.4rem; color: #fff;
+           font-weight: 700; font-size: 0.95rem; letter-spacing: 0.02em; }
+  .status-ok { color: #1E8E3E; font-weight: 700; }
+  .status-bad { color: #D93025; font-weight: 700; }
+  .big-label { font-size: 1.6rem; font-weight: 700; }
+  .muted { color: #5F6368; }
+  .alarm { background: #D93025; color: #fff; padding: 0.8rem 1rem; border-radius: 0.5rem;
+           font-size: 1.15rem; font-weight: 700; }
+</style>
+"""
+
+
+def style() -> None:
+    st.html(CSS)
+
+
+def api() -> Api:
+    """An API client with the logged-in user's token (none before log-in)."""
+    return Api(st.session_state.get("token"))
+
+
+def role() -> str | None:
+    return st.session_state.get("role")
+
+
+def at_least(required: str) -> bool:
+    """Whether the logged-in user's role is ``required`` or higher (the API checks again)."""
+    current = role()
+    return current in ROLES and ROLES.index(current) >= ROLES.index(required)
+
+
+def badge(disposition: str) -> str:
+    colour = DISPOSITION_COLOURS.get(disposition, NEUTRAL)
+    return f'<span class="badge" style="background:{colour}">{disposition.upper()}</span>'
+
+
+def call(fn: Callable[[], T], what: str) -> T | None:
+    """Run an API call; on refusal show the API's reason (and log out on an expired token)."""
+    try:
+        return fn()
+    except ApiError as exc:
+        if exc.status == 401 and st.session_state.get("token"):
+            logout()
+            st.warning("Your session has expired or your account changed; please log in again.")
+            st.stop()
+        if exc.status == 403:
+            st.error(f"Not allowed to {what}: {exc.message}")
+        elif exc.status == 0:
+            st.error(f"Cannot {what}: {exc.message}")
+        else:
+            st.error(f"Could not {what} ({exc.status}): {exc.message}")
+        return None
+
+
+def logout() -> None:
+    for key in ("token", "user", "role", "expires_at"):
+        st.session_state.pop(key, None)
+
+
+def when(value: Any) -> str:
+    """An API timestamp as local wall-clock time, e.g. '2026-11-20 14:03:07'."""
+    if not value:
+        return "—"
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return str(value)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value * 100:.{digits}f} %"

@@ -1,0 +1,38 @@
+"""Audit: every privileged action — labels, verifications, gate runs, promotions, roll-backs, shadow
+changes, exports and user changes — with who, when and what (engineers and admins)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import ui
+
+st.title("Audit log")
+if not ui.at_least("engineer"):
+    st.error("The audit log needs the engineer role.")
+    st.stop()
+data = ui.call(lambda: ui.api().get("/audit", limit=2000), "read the audit log")
+if data is not None:
+    entries = data["entries"]
+    if not entries:
+        st.info("No privileged actions yet.")
+        st.stop()
+    df = pd.DataFrame(entries)
+    c = st.columns(3)
+    actions = c[0].multiselect("Action", sorted(df["action"].unique()), key="audit_action")
+    users = c[1].multiselect("User", sorted(df["user"].unique()), key="audit_user")
+    text = c[2].text_input("Target contains", key="audit_target")
+    if actions:
+        df = df[df["action"].isin(actions)]
+    if users:
+        df = df[df["user"].isin(users)]
+    if text:
+        df = df[df["target"].fillna("").str.contains(text, case=False, regex=False)]
+    df["at"] = df["at"].map(ui.when)
+    df["detail"] = df["detail"].map(lambda d: json.dumps(d, ensure_ascii=False) if d else "")
+    st.caption(f"{len(df)} of {len(entries)} entries, newest first")
+    st.dataframe(df[["at", "user", "role", "action", "target", "detail"]], hide_index=True, width="stretch",
+                 height=600)

@@ -1,0 +1,110 @@
+"""Live: what the line is doing now.  Refreshes every few seconds inside a fragment, so only this
+part of the page is redrawn (no flicker, no full rerun, filters elsewhere keep their state)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from dashboard import charts, ui
+
+REFRESH_S = 5
+THUMBNAILS = 8
+
+
+def thumbnail(result_id: str) -> bytes | None:
+    """The archived image, fetched once per result and kept for this session (images never change)."""
+    cache: dict[str, bytes | None] = st.session_state.setdefault("thumbs", {})
+    if result_id not in cache:
+        try:
+            cache[result_id] = ui.api().content(f"/results/{result_id}/image")
+        except ui.ApiError:
+            cache[result_id] = None
+        if len(cache) > 200:
+            cache.pop(next(iter(cache)))
+    return cache[result_id]
+
+
+def plc_status(health: dict[str, Any]) -> tuple[str, bool | None]:
+    """The PLC links the daemon reports (OPC UA / Modbus), if its /health says anything about them."""
+    plc = health.get("plc")
+    if isinstance(plc, dict) and plc:
+        parts, ok = [], True
+        for name, info in plc.items():
+            up = info.get("online", info.get("running")) if isinstance(info, dict) else bool(info)
+            clients = info.get("clients") if isinstance(info, dict) else None
+            parts.append(f"{name} {'up' if up else 'down'}" + (f" ({clients} clients)" if clients is not None
+                                                                else ""))
+            ok = ok and bool(up)
+        return ", ".join(parts), ok
+    return "not reported", None
+
+
+def status_line(label: str, text: str, ok: bool | None) -> None:
+    css = "status-ok" if ok else "status-bad" if ok is False else "muted"
+    st.markdown(f"{label}<br><span class='{css} big-label'>{text}</span>", unsafe_allow_html=True)
+
+
+@st.fragment(run_every=REFRESH_S)
+def live() -> None:
+    api = ui.api()
+    health = ui.call(lambda: api.get("/health"), "read the line status")
+    summary = ui.call(lambda: api.get("/analytics/live", minutes=15), "read the live figures")
+    if health is None or summary is None:
+        return
+    cols = st.columns(5)
+    cols[0].metric("Parts / min", f"{summary['parts_per_min']:.0f}", border=True,
+                   help="Average of the last complete minutes (15-minute window)")
+    cols[1].metric("Defect rate", ui.pct(summary["defect_rate"]), border=True,
+                   help="(rework + reject) / decided parts, last 15 minutes")
+    cols[2].metric("Holds waiting", summary["holds_waiting"], border=True,
+                   help=f"plus {summary['audits_waiting']} audit samples")
+    cols[3].metric("Parts, 15 min", summary["parts"], border=True)
+    cols[4].metric("Model", health.get("model_version") or "none", border=True)
+    camera = health.get("camera", {})
+    state = health.get("state", "?")
+    plc_text, plc_ok = plc_status(health)
+    s = st.columns(4)
+    with s[0]:
+        status_line("Line state", state, state == "operational")
+    with s[1]:
+        cam_ok = bool(camera.get("online"))
+        status_line(f"Camera '{camera.get('view', '?')}'", "online" if cam_ok else "offline", cam_ok)
+    with s[2]:
+        status_line("PLC", plc_text, plc_ok)
+    with s[3]:
+        latency = health.get("decided_latency_ms", {}).get("p99")
+        status_line("Latency p99", "—" if latency is None else f"{latency:.0f} ms", None)
+
+    left, right = st.columns([1, 1])
+    with left:
+        st.subheader("Disposition mix · last 15 min")
+        st.altair_chart(charts.disposition_mix(summary["mix"]), width="stretch")
+        st.markdown(" ".join(f"{ui.badge(d)} {summary['mix'].get(d, 0)}" for d in ui.DISPOSITIONS),
+                    unsafe_allow_html=True)
+    with right:
+        st.subheader("Parts per minute")
+        st.altair_chart(charts.throughput(summary["per_minute"]), width="stretch")
+
+    st.subheader("Last parts")
+    page = ui.call(lambda: api.get("/results", limit=THUMBNAILS), "read the last parts")
+    if not page or not page["results"]:
+        st.info("No parts yet.")
+        return
+    grid = st.columns(THUMBNAILS)
+    for col, r in zip(grid, page["results"], strict=False):
+        with col:
+            image = thumbnail(r["result_id"]) if r.get("image_ref") else None
+            if image:
+                st.image(image, width="stretch")
+            else:
+                st.caption("image not archived")
+            head = r["predictions"][0] if r["predictions"] else None
+            label = f"{head['label']} {head['confidence']:.0%}" if head else r.get("error") or ""
+            st.markdown(f"{ui.badge(r['disposition'])}<br><span class='muted'>{r.get('part_id') or ''}"
+                        f"<br>{label}<br>{ui.when(r['acquired_at'])[11:]}</span>", unsafe_allow_html=True)
+
+
+st.title("Live")
+live()

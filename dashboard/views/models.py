@@ -1,0 +1,183 @@
+"""Models: versions with their metrics, confusion matrices and gate verdicts; shadow agreement;
+retraining with live progress; promote and roll back.
+
+Operators see everything but the buttons are disabled (the API would answer 403 anyway); skipping
+the validation gate is for admins only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, ui
+
+ENGINEER_ONLY = "needs the engineer role"
+
+
+def confusions(metrics: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every block of the model card's metrics that carries a confusion matrix, with where it was."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(metrics, dict):
+        if isinstance(metrics.get("confusion"), list):
+            found.append((path, metrics))
+        for key, value in metrics.items():
+            if key != "confusion":
+                found += confusions(value, f"{path}/{key}" if path else str(key))
+    return found
+
+
+def head_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    heads = metrics.get("heads") if isinstance(metrics.get("heads"), dict) else metrics
+    out = {}
+    for head, m in (heads or {}).items():
+        if isinstance(m, dict) and isinstance(m.get("accuracy"), int | float):
+            out[head] = float(m["accuracy"])
+    return out
+
+
+def act(what: str, fn: Any) -> None:
+    result = ui.call(fn, what)
+    if result is not None:
+        st.session_state["models_notice"] = f"Done: {what}."
+        st.rerun()
+
+
+def overview(models: dict[str, Any]) -> None:
+    rows = []
+    for m in models["models"]:
+        gate = m.get("gate")
+        rows.append({
+            "version": m["version"],
+            "serving": "● serving" if m["serving"] else ("shadow" if m["shadow"] else ""),
+            "created": ui.when(m.get("created_at")),
+            "parent": m.get("parent_version") or "",
+            "gate": "—" if not gate else ("passed" if gate["passed"] else "failed"),
+            **{f"acc {h}": v for h, v in head_scores(m.get("metrics") or {}).items()},
+        })
+    df = pd.DataFrame(rows)
+    st.dataframe(df, hide_index=True, width="stretch", column_config={
+        c: st.column_config.NumberColumn(format="percent") for c in df.columns if c.startswith("acc ")})
+
+
+def detail(m: dict[str, Any], rollback_to: str | None) -> None:
+    api = ui.api()
+    engineer = ui.at_least("engineer")
+    tag = " · serving" if m["serving"] else " · shadow" if m["shadow"] else ""
+    with st.expander(f"{m['version']}{tag}", expanded=m["serving"]):
+        st.caption(f"{m.get('architecture', '')} · heads: {', '.join(m.get('heads', []))} · created "
+                   f"{ui.when(m.get('created_at'))} · parent {m.get('parent_version') or '—'}")
+        gate = m.get("gate")
+        if gate:
+            verdict = "passed" if gate["passed"] else "failed"
+            (st.success if gate["passed"] else st.error)(
+                f"Validation gate {verdict} against {gate.get('champion') or 'no champion'} on "
+                f"{gate.get('holdout', '?')} (margin {gate.get('margin', 0):.0%}), {ui.when(gate.get('evaluated_at'))}"
+                + ("".join(f"\n- {r}" for r in gate.get("reasons", [])) if gate.get("reasons") else ""))
+        blocks = confusions(m.get("metrics") or {})
+        if blocks:
+            cols = st.columns(min(3, len(blocks)))
+            for col, (where, block) in zip(cols * 3, blocks, strict=False):
+                classes = block.get("classes") or [str(i) for i in range(len(block["confusion"]))]
+                with col:
+                    acc = block.get("accuracy")
+                    st.markdown(f"**{where}**" + (f" · accuracy {acc:.1%}" if isinstance(acc, float) else ""))
+                    st.altair_chart(charts.confusion(block["confusion"], classes), width="stretch")
+        elif m.get("metrics"):
+            st.json(m["metrics"], expanded=False)
+        else:
+            st.caption("This model card carries no held-out metrics.")
+        c = st.columns(4)
+        if c[0].button("Run gate", key=f"gate_{m['version']}", disabled=not engineer,
+                       help=None if engineer else ENGINEER_ONLY):
+            act(f"gate {m['version']}", lambda: api.post(f"/models/{m['version']}/gate"))
+        if not m["serving"]:
+            if c[1].button("Promote", key=f"promote_{m['version']}", type="primary", disabled=not engineer,
+                           help="Gate, then switch between two frames" if engineer else ENGINEER_ONLY):
+                act(f"promote {m['version']}", lambda: api.post(f"/models/{m['version']}/promote", {"force": False}))
+            if ui.at_least("admin") and c[2].button("Promote without gate", key=f"force_{m['version']}"):
+                act(f"promote {m['version']} without the gate",
+                    lambda: api.post(f"/models/{m['version']}/promote", {"force": True}))
+            if not m["shadow"] and c[3].button("Run as shadow", key=f"shadow_{m['version']}",
+                                               disabled=not engineer, help=None if engineer else ENGINEER_ONLY):
+                act(f"start shadow {m['version']}", lambda: api.put(f"/models/{m['version']}/shadow"))
+
+
+def shadow() -> None:
+    api = ui.api()
+    try:
+        data = api.get("/models/shadow")
+    except ui.ApiError as exc:
+        if exc.status == 404:
+            st.caption("No shadow (challenger) model is running.")
+            return
+        st.error(f"Cannot read the shadow agreement: {exc.message}")
+        return
+    st.markdown(f"Shadow model **{data['shadow_version']}** judges the same frames; its answers are stored, "
+                "never published.")
+    rows = [{"head": head, "class (champion)": cls, "parts": v["n"], "agreement": v["agreement"]}
+            for head, h in data["heads"].items() for cls, v in h["per_class"].items()]
+    cols = st.columns(max(1, len(data["heads"])))
+    for col, (head, h) in zip(cols, data["heads"].items(), strict=False):
+        col.metric(f"Agreement · {head}", ui.pct(h["agreement"]), f"{h['n']} parts", delta_color="off")
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
+            "agreement": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1)})
+    if st.button("Stop shadow", key="stop_shadow", disabled=not ui.at_least("engineer"),
+                 help=None if ui.at_least("engineer") else ENGINEER_ONLY):
+        act("stop the shadow model", lambda: api.delete("/models/shadow"))
+
+
+@st.fragment(run_every=2)
+def retrain_progress() -> None:
+    try:
+        job = ui.api().get("/retrain")
+    except ui.ApiError as exc:
+        if exc.unavailable or exc.status == 404:
+            st.info("Retraining is not available on this appliance yet (its API has no /retrain).")
+        else:
+            st.error(f"Cannot read the retraining state: {exc.message}")
+        return
+    state = job.get("state", "idle")
+    if state == "running":
+        st.progress(float(job.get("progress") or 0.0),
+                    text=f"Retraining · {job.get('phase') or ''} {job.get('message') or ''}")
+    elif state == "done":
+        st.success(f"Last retraining finished: candidate {job.get('candidate_version') or '?'}"
+                   + (f" · gate {'passed' if job['gate'].get('passed') else 'failed'}" if job.get("gate") else ""))
+    elif state == "failed":
+        st.error(f"Last retraining failed: {job.get('message') or ''}")
+    else:
+        st.caption("No retraining running.")
+    engineer = ui.at_least("engineer")
+    if st.button("Start retraining", key="retrain", type="primary", disabled=not engineer or state == "running",
+                 help="Trains a candidate on the verified labels, in its own process" if engineer
+                 else ENGINEER_ONLY):
+        started = ui.call(lambda: ui.api().post("/retrain"), "start retraining")
+        if started is not None:
+            st.toast(f"Retraining started (job {started.get('job_id', '?')})")
+
+
+st.title("Models")
+if notice := st.session_state.pop("models_notice", None):
+    st.success(notice)
+models = ui.call(lambda: ui.api().get("/models"), "read the model registry")
+if models is not None:
+    top = st.columns([3, 1])
+    top[0].markdown(f"Serving **{models['champion'] or '—'}** · roll back to **{models['rollback_to'] or '—'}**")
+    engineer = ui.at_least("engineer")
+    if top[1].button("Roll back", key="rollback", disabled=not engineer or not models["rollback_to"],
+                     help=f"Serve {models['rollback_to']} again" if engineer else ENGINEER_ONLY):
+        act("roll back", lambda: ui.api().post("/models/rollback"))
+    if not engineer:
+        st.caption("You are logged in as an operator: promoting, rolling back and retraining need an engineer.")
+    overview(models)
+    st.subheader("Retraining")
+    retrain_progress()
+    st.subheader("Shadow model")
+    shadow()
+    st.subheader("Versions")
+    for m in models["models"]:
+        detail(m, models["rollback_to"])

@@ -1,0 +1,141 @@
+"""Review: held parts first, then the audit sample of confident passes, most informative first.
+
+One key confirms the prediction (Enter); a correction is one click on the right class, then Enter.
+Every label is stored with who and when; with the two-person rule on, a label counts for training
+only after someone else verifies it (the API refuses self-verification).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts, ui
+
+QUEUE = 50
+
+
+def heads_of(card: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"name": h["name"], "classes": h["classes"], "ordinal": h.get("ordinal", False)}
+            for h in card.get("heads", [])]
+
+
+def save(result_id: str, labels: dict[str, str], comment: str, confirmed: bool) -> None:
+    api = ui.api()
+    done = ui.call(lambda: api.post(f"/results/{result_id}/labels",
+                                    {"labels": labels, "comment": comment or None}), "save the label")
+    if done is None:
+        return
+    what = "confirmed" if confirmed else "corrected"
+    extra = "" if done["verified"] else " · waits for a second person to verify it"
+    st.session_state["review_notice"] = f"Part {what}: " + ", ".join(f"{h} = {v}" for h, v in labels.items()) + extra
+    st.session_state.pop("review_pick", None)
+    st.rerun()
+
+
+def show_part(part: dict[str, Any], heads: list[dict[str, Any]]) -> None:
+    predicted = {p["head"]: p for p in part["predictions"]}
+    left, right = st.columns([1.15, 1])
+    with left:
+        image = None
+        if part.get("image_ref"):
+            try:
+                image = ui.api().content(f"/results/{part['result_id']}/image")
+            except ui.ApiError as exc:
+                st.warning(f"Image not available: {exc.message}")
+        if image:
+            st.image(image, width="stretch")
+        else:
+            st.info("No archived image for this part.")
+    with right:
+        reason = "held: the model was unsure" if part["review"] == "hold" else "audit sample of a confident pass"
+        st.markdown(f"{ui.badge(part['disposition'])} &nbsp; <span class='big-label'>{part.get('part_id') or ''}"
+                    f"</span><br><span class='muted'>{reason} · rule <b>{part['rule']}</b> · "
+                    f"{ui.when(part['acquired_at'])} · batch {part.get('batch') or '—'} · "
+                    f"{part['camera_view']} · priority {part.get('priority', 0):.2f}</span>",
+                    unsafe_allow_html=True)
+        if part.get("error"):
+            st.error(f"Image error: {part['error']}")
+        choices: dict[str, str] = {}
+        for head in heads:
+            p = predicted.get(head["name"])
+            st.markdown(f"**{head['name']}** — model says **{p['label']}** ({p['confidence']:.0%})" if p
+                        else f"**{head['name']}** — no prediction")
+            if p:
+                st.altair_chart(charts.probabilities(head["classes"], p["probs"], p["label"]), width="stretch")
+            pick = st.segmented_control(
+                f"What is the {head['name']}?", head["classes"], default=p["label"] if p else None,
+                key=f"pick_{part['result_id']}_{head['name']}", required=True)
+            if pick:
+                choices[head["name"]] = pick
+        comment = st.text_input("Comment (optional)", key=f"comment_{part['result_id']}")
+        unchanged = all(predicted.get(h) and choices.get(h) == predicted[h]["label"] for h in choices)
+        complete = len(choices) == len(heads)
+        label = "Confirm prediction" if unchanged else "Save correction"
+        b1, b2 = st.columns([2, 1])
+        if b1.button(label, type="primary", shortcut="Enter", disabled=not complete, width="stretch",
+                     icon=":material/check:", key="review_save", help="Enter"):
+            save(part["result_id"], choices, comment, unchanged)
+        if b2.button("Skip", shortcut="N", width="stretch", key="review_skip", help="N"):
+            st.session_state["review_offset"] = st.session_state.get("review_offset", 0) + 1
+            st.rerun()
+
+
+def verification(me: str) -> None:
+    api = ui.api()
+    pending = ui.call(lambda: api.get("/labels", verified=False, limit=200), "read unverified labels")
+    if pending is None:
+        return
+    others = [label for label in pending["labels"] if label["labelled_by"] != me]
+    mine = len(pending["labels"]) - len(others)
+    st.subheader(f"Waiting for a second person · {len(others)}")
+    if mine:
+        st.caption(f"{mine} of your own labels wait for someone else.")
+    if not others:
+        st.caption("Nothing for you to verify.")
+    for label in others[:20]:
+        c = st.columns([3, 2, 2, 1])
+        c[0].markdown(f"`{label['result_id']}` · **{label['head']} = {label['label']}**")
+        c[1].markdown(f"by **{label['labelled_by']}**")
+        c[2].markdown(ui.when(label["labelled_at"]))
+        verify = c[3].button("Verify", key=f"verify_{label['label_id']}")
+        if verify and ui.call(lambda lid=label["label_id"]: api.post(f"/labels/{lid}/verify"), "verify the label"):
+            st.session_state["review_notice"] = f"Verified {label['head']} = {label['label']}"
+            st.rerun()
+
+
+def recent_labels() -> None:
+    api = ui.api()
+    data = ui.call(lambda: api.get("/labels", limit=100), "read the labels")
+    st.subheader("Recent labels")
+    if not data or not data["labels"]:
+        st.caption("No labels yet.")
+        return
+    df = pd.DataFrame(data["labels"])
+    for column in ("labelled_at", "verified_at"):
+        df[column] = df[column].map(ui.when)
+    st.dataframe(df[["result_id", "head", "label", "labelled_by", "labelled_at", "verified_by", "verified_at",
+                     "comment"]], hide_index=True, width="stretch")
+
+
+st.title("Review")
+if notice := st.session_state.pop("review_notice", None):
+    st.success(notice)
+api = ui.api()
+card = ui.call(lambda: api.get("/model"), "read the model card")
+queue = ui.call(lambda: api.get("/review/queue", limit=QUEUE), "read the review queue")
+if card is not None and queue is not None:
+    held = sum(1 for r in queue["results"] if r["review"] == "hold")
+    st.caption(f"{queue['waiting']} parts waiting · {held} held and {queue['count'] - held} audit samples "
+               f"in the top {QUEUE} · most informative first")
+    items = queue["results"]
+    if not items:
+        st.success("Nothing waiting for review.")
+    else:
+        offset = st.session_state.get("review_offset", 0) % len(items)
+        show_part(items[offset], heads_of(card))
+st.divider()
+verification(st.session_state.get("user", ""))
+recent_labels()
