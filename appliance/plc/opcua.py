@@ -46,18 +46,17 @@ VISION_STATES = {"preoperational": "Preoperational", "operational": "Operational
                  "error": "Error"}
 EVENT_SEVERITY = {"pass": 100, "hold": 400, "rework": 500, "reject": 700}
 
-LATEST: tuple[tuple[str, ua.VariantType], ...] = (
-    ("ResultId", ua.VariantType.String), ("Sequence", ua.VariantType.UInt32),
-    ("PartId", ua.VariantType.String), ("Batch", ua.VariantType.String),
-    ("Disposition", ua.VariantType.String), ("DispositionCode", ua.VariantType.UInt16),
-    ("DefectType", ua.VariantType.String), ("DefectTypeCode", ua.VariantType.UInt16),
-    ("Severity", ua.VariantType.String), ("SeverityCode", ua.VariantType.UInt16),
-    ("Confidence", ua.VariantType.Double), ("ModelVersion", ua.VariantType.String),
-    ("Status", ua.VariantType.String), ("AcquiredAt", ua.VariantType.DateTime),
-    ("LatencyMs", ua.VariantType.Double), ("Content", ua.VariantType.ExtensionObject),
-)
 NEVER = datetime(1601, 1, 1, tzinfo=UTC)
 """OPC UA's minimum DateTime, the value of a time that has not happened yet."""
+_S, _U16, _D = ua.VariantType.String, ua.VariantType.UInt16, ua.VariantType.Double
+LATEST: tuple[tuple[str, ua.VariantType, Any], ...] = (
+    ("ResultId", _S, ""), ("Sequence", ua.VariantType.UInt32, 0), ("PartId", _S, ""), ("Batch", _S, ""),
+    ("Disposition", _S, ""), ("DispositionCode", _U16, 0), ("DefectType", _S, ""), ("DefectTypeCode", _U16, 0),
+    ("Severity", _S, ""), ("SeverityCode", _U16, 0), ("Confidence", _D, 0.0), ("ModelVersion", _S, ""),
+    ("Status", _S, ""), ("AcquiredAt", ua.VariantType.DateTime, NEVER), ("LatencyMs", _D, 0.0),
+    ("Content", ua.VariantType.ExtensionObject, None),
+)
+"""App:LatestResult variables: name, type, value before the first result (Content: an empty one)."""
 
 
 def _encrypt_passwords(server: Server) -> None:
@@ -195,13 +194,12 @@ class OpcUaEndpoint:
             node(f"{inputs}.ProcessValues"): control.write_values,
             node(f"{inputs}.Trigger"): control.write_trigger,
         })
-        self._latest = [node(f"VisionSystem.LatestResult.{name}") for name, _ in LATEST]
+        self._latest = [node(f"VisionSystem.LatestResult.{name}") for name, _, _ in LATEST]
         versions = await asyncio.to_thread(lambda: [c.version for c in daemon.registry.versions()])
         empty = model.new("DefectResultDataType", AcquiredAt=NEVER)
         await self._write([
-            *zip(self._latest, [ua.Variant(v, t) for v, (_, t) in zip(
-                ["", 0, "", "", "", 0, "", 0, "", 0, 0.0, "", "", NEVER, 0.0, empty], LATEST, strict=True)],
-                strict=True),
+            *((nid, ua.Variant(empty if default is None else default, vtype))
+              for nid, (_, vtype, default) in zip(self._latest, LATEST, strict=True)),
             (node(f"{inputs}.PartId"), ua.Variant(daemon.context.part_id or "", ua.VariantType.String)),
             (node(f"{inputs}.Batch"), ua.Variant(daemon.context.batch or "", ua.VariantType.String)),
             (node(f"{inputs}.ProcessValueNames"), ua.Variant([], ua.VariantType.String, is_array=True)),
@@ -261,8 +259,8 @@ class OpcUaEndpoint:
                   rep.severity_code, rep.confidence, result.model_version or "", result.status,
                   result.acquired_at, float(result.latency.get("total_ms", 0.0)), content]
         changes = [(nid, ua.Variant(value, vtype))
-                   for nid, value, old, (_, vtype) in zip(self._latest, values, self._latest_shown, LATEST,
-                                                           strict=True)
+                   for nid, value, old, (_, vtype, _) in zip(self._latest, values, self._latest_shown, LATEST,
+                                                              strict=True)
                    if value != old]
         self._latest_shown = values
         return changes
