@@ -16,6 +16,9 @@ ARCHITECTURE = "efficientnet-lite0"
 NUM_BLOCKS = 16
 FEATURES = 1280
 """Channels of the head conv output (the pooled feature vector)."""
+BN_MOMENTUM = 0.1
+"""For the trained blocks.  The checkpoint's TensorFlow-style 0.01 lets the running statistics lag
+far behind weights that change every step, so eval-mode outputs would not match training."""
 
 
 def load_backbone(image_size: int) -> EfficientNet:
@@ -47,7 +50,7 @@ class Top(nn.Module):
     """``blocks[start:] + head conv + global average pool``: the fine-tuned part.
 
     Drop-connect (stochastic depth) of the original recipe is kept for the tuned blocks, with
-    the rate each block has in the full network.
+    the rate each block has in the full network; their batch norms get ``BN_MOMENTUM``.
     """
 
     def __init__(self, net: EfficientNet, start: int, drop_connect_rate: float) -> None:
@@ -56,6 +59,9 @@ class Top(nn.Module):
         self.blocks = nn.ModuleList(net._blocks[start:])
         self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
         self.drop_connect_rate = drop_connect_rate
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = BN_MOMENTUM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.blocks, start=self.start):

@@ -21,9 +21,9 @@ class TrainRecipe(BaseModel):
         description="The stem and this many MBConv blocks keep their ImageNet weights; their output "
                     "is computed once per image and view, and only the blocks above are trained.",
     )
-    epochs: int = Field(default=12, ge=1, le=500, description="Maximum passes over the training set.")
+    epochs: int = Field(default=8, ge=1, le=500, description="Maximum passes over the training set.")
     patience: int = Field(
-        default=4, ge=1, le=500,
+        default=3, ge=1, le=500,
         description="Stop after this many epochs without a better validation score.",
     )
     batch_size: int = Field(default=64, ge=2, le=1024, description="Samples per optimisation step.")
