@@ -63,14 +63,8 @@ class EvalReport:
     heads: dict[str, HeadReport] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """``{"heads": {head: {"accuracy", "macro_f1", "ece", "recall", "confusion", …}}, …}``."""
-        return {
-            "model_version": self.model_version,
-            "dataset": str(self.dataset),
-            "split": self.split,
-            "images": self.images,
-            "heads": {name: h.summary() for name, h in self.heads.items()},
-        }
+        """``{"heads": {head: {"accuracy", "macro_f1", "ece", "n", "recall", "confusion", …}}}``."""
+        return {"heads": {name: h.summary() for name, h in self.heads.items()}}
 
     def to_text(self) -> str:
         lines = [f"model {self.model_version} on {self.dataset} "

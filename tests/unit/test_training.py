@@ -129,7 +129,7 @@ def test_evaluate_learns_the_pattern(package: Path, dataset: Path) -> None:
     report = evaluate_model(package, dataset)
     assert report.split == "test" and report.images == sum(r["split"] == "test" for r in _rows(dataset))
     summary = json.loads(json.dumps(report.summary()))
-    assert set(summary["heads"]) == {"defect_type", "severity"}
+    assert set(summary) == {"heads"} and set(summary["heads"]) == {"defect_type", "severity"}
     for head in summary["heads"].values():
         assert isinstance(head["accuracy"], float) and isinstance(head["macro_f1"], float)
         assert 0 <= head["ece"] <= 1
