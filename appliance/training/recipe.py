@@ -13,7 +13,7 @@ class TrainRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_size: int = Field(
-        default=224, ge=64, le=512,
+        default=160, ge=64, le=512,
         description="Side in px the graph resizes every image to; drives accuracy and latency.",
     )
     frozen_blocks: int = Field(
