@@ -89,6 +89,7 @@ class Ticket:
     batch: str | None
     process_values: dict[str, float]
     result: asyncio.Future[PartResult]
+    tag: str | None = None
 
 
 @dataclass(slots=True)
@@ -311,8 +312,11 @@ class Daemon:
         return "operational"
 
     async def trigger(self, part_id: str | None = None, batch: str | None = None,
-                      process_values: dict[str, float] | None = None) -> asyncio.Future[PartResult]:
+                      process_values: dict[str, float] | None = None,
+                      tag: str | None = None) -> asyncio.Future[PartResult]:
         """Acquire one part now; returns the future of that part's published result.
+
+        ``tag`` is recorded with the result (``trigger_tag``), e.g. the OPC UA JobId.
 
         Raises LineHalted while halted, TriggerNotSupported when the camera runs free.
         """
@@ -321,7 +325,7 @@ class Daemon:
         if batch is not None:
             self.context.batch = batch
         ticket = Ticket(part_id, self.context.batch, dict(process_values or {}),
-                        asyncio.get_running_loop().create_future())
+                        asyncio.get_running_loop().create_future(), tag)
         self._tickets.append(ticket)
         try:
             await self.source.trigger()
@@ -496,6 +500,7 @@ class Daemon:
             error=error or (None if prediction is not None else "no image"),
             source_ref=frame.source_ref, process_values=process_values,
             predictions=head_results(prediction) if prediction else [],
+            trigger_tag=ticket.tag if (ticket := frame.meta.get("ticket")) else None,
             latency={
                 "queue_ms": (dequeued_ns - frame.acquired_ns) / 1e6,
                 "inference_ms": (t_decide - t_infer) / 1e6,

@@ -53,6 +53,8 @@ class PartResult:
     shadow_predictions: list[HeadResult] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)
     image_ref: str | None = None
+    trigger_tag: str | None = None
+    """What the trigger's sender called this part's job (e.g. an OPC UA JobId); None if free-running."""
 
     def head(self, name: str) -> HeadResult | None:
         return next((p for p in self.predictions if p.head == name), None)

@@ -58,18 +58,21 @@ class _Job:
 class Jobs:
     """OPC 40100 job ids: one per StartSingleJob, one per continuous run.
 
-    The daemon resolves a trigger's future only after publishing its result, so a published
-    result is matched to the oldest pending single job (tickets are served in order).  Should
-    another trigger source (HTTP API, Modbus) interleave with OPC UA triggers, that matching can
-    be off by one; results of untracked triggers carry the current (continuous/line) job id.
+    A StartSingleJob passes its job id to the daemon as the trigger's tag, and the result carries
+    it back (``trigger_tag``), so the match is exact even when other trigger sources (HTTP API,
+    Modbus) interleave; results of untagged triggers carry the current (continuous/line) job id.
     """
 
     current: str = field(default_factory=lambda: str(ULID()))
     _pending: deque[_Job] = field(default_factory=deque)
     _by_result: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
-    def start_single(self, result: asyncio.Future[PartResult]) -> str:
-        job = _Job(str(ULID()), result)
+    @staticmethod
+    def new_id() -> str:
+        return str(ULID())
+
+    def start_single(self, result: asyncio.Future[PartResult], job_id: str) -> str:
+        job = _Job(job_id, result)
         self._pending.append(job)
         result.add_done_callback(lambda fut: self._settled(job, fut))
         return job.job_id
@@ -86,7 +89,7 @@ class Jobs:
         """The job id of a result being published."""
         job_id = self.current
         for job in self._pending:
-            if job.claimed is None and not job.result.done():
+            if job.claimed is None and job.job_id == result.trigger_tag:
                 job.claimed, job_id = result.result_id, job.job_id
                 break
         self._by_result[result.result_id] = job_id
@@ -226,7 +229,8 @@ class LineControl:
         part_id = part_id or context.part_id
         values = {**context.process_values, **values}
         try:
-            future = await self.daemon.trigger(part_id=part_id, process_values=values)
+            job_id = self.jobs.new_id()
+            future = await self.daemon.trigger(part_id=part_id, process_values=values, tag=job_id)
         except LineHalted as exc:
             raise ArgumentError(Bad.BadInvalidState, "the line is halted; call Reset first") from exc
         except TriggerNotSupported as exc:
@@ -236,7 +240,7 @@ class LineControl:
             log.warning("OPC UA trigger failed: %s", exc)
             raise ArgumentError(Bad.BadResourceUnavailable, f"camera trigger failed: {exc}") from exc
         context.part_id, context.process_values = None, {}  # consumed by this part
-        job_id = self.jobs.start_single(future)
+        self.jobs.start_single(future, job_id)
         await self._changed()
         return job_id
 

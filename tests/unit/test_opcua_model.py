@@ -213,22 +213,25 @@ def test_process_values_by_position_or_key() -> None:
             process_values([bad], [])
 
 
-def test_jobs_match_published_results_in_trigger_order() -> None:
+def test_jobs_match_results_by_trigger_tag_even_when_other_triggers_interleave() -> None:
     async def go() -> tuple[list[str], list[str], Jobs]:
         loop = asyncio.get_running_loop()
         jobs = Jobs()
         first, dropped, second = loop.create_future(), loop.create_future(), loop.create_future()
-        ids = [jobs.start_single(first), jobs.start_single(dropped), jobs.start_single(second)]
+        ids = [jobs.new_id() for _ in range(3)]
+        for fut, job_id in zip((first, dropped, second), ids, strict=True):
+            jobs.start_single(fut, job_id)
         dropped.set_exception(RuntimeError("frame dropped"))
         await asyncio.sleep(0)
-        a, b, c = _result(), _result(), _result()
-        a.result_id, b.result_id, c.result_id = "a", "b", "c"
-        claimed = [jobs.claim(a), jobs.claim(b), jobs.claim(c)]
+        modbus, a, b = _result(), _result(), _result()
+        modbus.result_id, a.result_id, b.result_id = "m", "a", "b"
+        a.trigger_tag, b.trigger_tag = ids[0], ids[2]  # modbus: a trigger from another source, untagged
+        claimed = [jobs.claim(modbus), jobs.claim(a), jobs.claim(b)]
         first.set_result(a)
         second.set_result(b)
         await asyncio.sleep(0)
         return ids, claimed, jobs
 
     ids, claimed, jobs = asyncio.run(go())
-    assert claimed == [ids[0], ids[2], jobs.current]  # the dropped frame's job got no result
-    assert not jobs.single_pending and jobs.results_of(ids[2]) == ["b"] and jobs.job_of("c") == jobs.current
+    assert claimed == [jobs.current, ids[0], ids[2]]  # the dropped frame's job got no result
+    assert not jobs.single_pending and jobs.results_of(ids[2]) == ["b"] and jobs.job_of("m") == jobs.current
