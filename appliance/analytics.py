@@ -352,10 +352,15 @@ class Analytics:
         return self._mem.cursor()
 
     def _span(self, mem: duckdb.DuckDBPyConnection, f: Filters) -> tuple[int, int]:
+        """The minutes the selection can cover: the filter's window cut to the stored data (so an
+        automatic bucket fits the data, not an empty week)."""
         (first, last), = mem.execute("SELECT min(m), max(m) FROM rollup").fetchall()
-        lo = _minute(f.since) if f.since else (first if first is not None else 0)
-        hi = _minute(f.until) if f.until else (last if last is not None else lo)
-        return int(lo), int(max(hi, lo))
+        if first is None:
+            lo = _minute(f.since) if f.since else 0
+            return lo, max(lo, _minute(f.until) if f.until else lo)
+        lo = max(int(first), _minute(f.since)) if f.since else int(first)
+        hi = min(int(last), _minute(f.until)) if f.until else int(last)
+        return lo, max(hi, lo)
 
     def _query(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         mem = self._rollup()
@@ -590,9 +595,11 @@ class Analytics:
         every = max(1, math.ceil(int(decided) / CORRELATION_SAMPLE))
         if not names or not decided:
             return {"n": 0, "decided": int(decided), "every": every, "variables": []}
-        # "<> 'hold'" (decided: dispositions are pass/rework/reject/hold) is 3x cheaper than IN (…)
+        # the same results as the rollup counted (seq bound); "<> 'hold'" (dispositions are
+        # pass/rework/reject/hold) is 3x cheaper than IN (…)
         where, params = f.where(RAW_MINUTE, shifts, span, "r", [
-            f"r.seq % {every} = 0", "r.disposition <> 'hold'", "r.process_values IS NOT NULL"])
+            f"r.seq % {every} = 0", f"r.seq <= {self._last_seq}", "r.disposition <> 'hold'",
+            "r.process_values IS NOT NULL"])
         paths = "[" + ", ".join(_quote("$." + _json_key(k)) for k in names) + "]"
         sql = (f"SELECT CAST(r.disposition <> 'pass' AS DOUBLE) AS d, list_transform("
                f"json_extract_string(r.process_values, {paths}), lambda x: TRY_CAST(x AS DOUBLE)) AS v "

@@ -59,13 +59,14 @@ def live() -> None:
     cols[1].metric("Defect rate", ui.pct(summary["defect_rate"]), border=True,
                    help="(rework + reject) / decided parts, last 15 minutes")
     cols[2].metric("Holds waiting", summary["holds_waiting"], border=True,
-                   help=f"plus {summary['audits_waiting']} audit samples")
+                   help="Held parts nobody has labelled yet")
     cols[3].metric("Parts, 15 min", summary["parts"], border=True)
-    cols[4].metric("Model", health.get("model_version") or "none", border=True)
+    cols[4].metric("Audit samples", summary["audits_waiting"], border=True,
+                   help="Confident passes sampled for review, to measure the escape rate")
     camera = health.get("camera", {})
     state = health.get("state", "?")
     plc_text, plc_ok = plc_status(health)
-    s = st.columns(4)
+    s = st.columns([1, 1, 1.3, 0.8, 1.3])
     with s[0]:
         status_line("Line state", state, state == "operational")
     with s[1]:
@@ -76,6 +77,10 @@ def live() -> None:
     with s[3]:
         latency = health.get("decided_latency_ms", {}).get("p99")
         status_line("Latency p99", "—" if latency is None else f"{latency:.0f} ms", None)
+    with s[4]:
+        shadow = health.get("shadow")
+        status_line("Model" + (f" · shadow {shadow['version']}" if shadow else ""),
+                    health.get("model_version") or "none", health.get("model_version") is not None)
 
     left, right = st.columns([1, 1])
     with left:

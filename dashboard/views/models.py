@@ -89,19 +89,19 @@ def detail(m: dict[str, Any], rollback_to: str | None) -> None:
             st.json(m["metrics"], expanded=False)
         else:
             st.caption("This model card carries no held-out metrics.")
-        c = st.columns(4)
-        if c[0].button("Run gate", key=f"gate_{m['version']}", disabled=not engineer,
-                       help=None if engineer else ENGINEER_ONLY):
+        row = st.container(horizontal=True)
+        if row.button("Run gate", key=f"gate_{m['version']}", disabled=not engineer,
+                      help=None if engineer else ENGINEER_ONLY):
             act(f"gate {m['version']}", lambda: api.post(f"/models/{m['version']}/gate"))
         if not m["serving"]:
-            if c[1].button("Promote", key=f"promote_{m['version']}", type="primary", disabled=not engineer,
-                           help="Gate, then switch between two frames" if engineer else ENGINEER_ONLY):
+            if row.button("Promote", key=f"promote_{m['version']}", type="primary", disabled=not engineer,
+                          help="Gate, then switch between two frames" if engineer else ENGINEER_ONLY):
                 act(f"promote {m['version']}", lambda: api.post(f"/models/{m['version']}/promote", {"force": False}))
-            if ui.at_least("admin") and c[2].button("Promote without gate", key=f"force_{m['version']}"):
+            if ui.at_least("admin") and row.button("Promote without gate", key=f"force_{m['version']}"):
                 act(f"promote {m['version']} without the gate",
                     lambda: api.post(f"/models/{m['version']}/promote", {"force": True}))
-            if not m["shadow"] and c[3].button("Run as shadow", key=f"shadow_{m['version']}",
-                                               disabled=not engineer, help=None if engineer else ENGINEER_ONLY):
+            if not m["shadow"] and row.button("Run as shadow", key=f"shadow_{m['version']}",
+                                              disabled=not engineer, help=None if engineer else ENGINEER_ONLY):
                 act(f"start shadow {m['version']}", lambda: api.put(f"/models/{m['version']}/shadow"))
 
 

@@ -22,17 +22,29 @@ def heads_of(card: dict[str, Any]) -> list[dict[str, Any]]:
             for h in card.get("heads", [])]
 
 
-def save(result_id: str, labels: dict[str, str], comment: str, confirmed: bool) -> None:
-    api = ui.api()
-    done = ui.call(lambda: api.post(f"/results/{result_id}/labels",
-                                    {"labels": labels, "comment": comment or None}), "save the label")
-    if done is None:
+def save(result_id: str, heads: list[str], predicted: dict[str, str]) -> None:
+    """Button callback: bound to the part that was on screen when the button was drawn, so a queue
+    that changed meanwhile (new held parts arrive all the time) never gets the label of another part."""
+    labels = {h: st.session_state.get(f"pick_{result_id}_{h}") for h in heads}
+    if not all(labels.values()):
+        st.session_state["review_error"] = "Choose a class for every head first."
         return
-    what = "confirmed" if confirmed else "corrected"
+    comment = st.session_state.get(f"comment_{result_id}") or None
+    try:
+        done = ui.api().post(f"/results/{result_id}/labels", {"labels": labels, "comment": comment})
+    except ui.ApiError as exc:
+        st.session_state["review_error"] = f"Could not save the label ({exc.status}): {exc.message}"
+        return
+    what = "confirmed" if labels == predicted else "corrected"
     extra = "" if done["verified"] else " · waits for a second person to verify it"
-    st.session_state["review_notice"] = f"Part {what}: " + ", ".join(f"{h} = {v}" for h, v in labels.items()) + extra
-    st.session_state.pop("review_pick", None)
-    st.rerun()
+    st.session_state["review_notice"] = (f"Part {what}: " + ", ".join(f"{h} = {v}" for h, v in labels.items())
+                                         + extra)
+    st.session_state.pop("review_current", None)
+
+
+def skip(result_id: str) -> None:
+    st.session_state["review_skipped"] = [*st.session_state.get("review_skipped", []), result_id][-100:]
+    st.session_state.pop("review_current", None)
 
 
 def show_part(part: dict[str, Any], heads: list[dict[str, Any]]) -> None:
@@ -70,17 +82,30 @@ def show_part(part: dict[str, Any], heads: list[dict[str, Any]]) -> None:
                 key=f"pick_{part['result_id']}_{head['name']}", required=True)
             if pick:
                 choices[head["name"]] = pick
-        comment = st.text_input("Comment (optional)", key=f"comment_{part['result_id']}")
+        st.text_input("Comment (optional)", key=f"comment_{part['result_id']}")
         unchanged = all(predicted.get(h) and choices.get(h) == predicted[h]["label"] for h in choices)
         complete = len(choices) == len(heads)
-        label = "Confirm prediction" if unchanged else "Save correction"
         b1, b2 = st.columns([2, 1])
-        if b1.button(label, type="primary", shortcut="Enter", disabled=not complete, width="stretch",
-                     icon=":material/check:", key="review_save", help="Enter"):
-            save(part["result_id"], choices, comment, unchanged)
-        if b2.button("Skip", shortcut="N", width="stretch", key="review_skip", help="N"):
-            st.session_state["review_offset"] = st.session_state.get("review_offset", 0) + 1
-            st.rerun()
+        b1.button("Confirm prediction" if unchanged else "Save correction", type="primary", shortcut="Enter",
+                  disabled=not complete, width="stretch", icon=":material/check:", key="review_save", help="Enter",
+                  on_click=save, args=(part["result_id"], [h["name"] for h in heads],
+                                       {h: p["label"] for h, p in predicted.items()}))
+        b2.button("Skip", shortcut="N", width="stretch", key="review_skip", help="N", on_click=skip,
+                  args=(part["result_id"],))
+
+
+def pick_part(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The part on screen stays on screen until it is labelled or skipped, whatever arrives meanwhile."""
+    current = st.session_state.get("review_current")
+    for item in items:
+        if item["result_id"] == current:
+            return item
+    skipped = set(st.session_state.get("review_skipped", []))
+    fresh = [item for item in items if item["result_id"] not in skipped] or items
+    if not fresh:
+        return None
+    st.session_state["review_current"] = fresh[0]["result_id"]
+    return fresh[0]
 
 
 def verification(me: str) -> None:
@@ -123,6 +148,8 @@ def recent_labels() -> None:
 st.title("Review")
 if notice := st.session_state.pop("review_notice", None):
     st.success(notice)
+if problem := st.session_state.pop("review_error", None):
+    st.error(problem)
 api = ui.api()
 card = ui.call(lambda: api.get("/model"), "read the model card")
 queue = ui.call(lambda: api.get("/review/queue", limit=QUEUE), "read the review queue")
@@ -130,12 +157,11 @@ if card is not None and queue is not None:
     held = sum(1 for r in queue["results"] if r["review"] == "hold")
     st.caption(f"{queue['waiting']} parts waiting · {held} held and {queue['count'] - held} audit samples "
                f"in the top {QUEUE} · most informative first")
-    items = queue["results"]
-    if not items:
+    part = pick_part(queue["results"])
+    if part is None:
         st.success("Nothing waiting for review.")
     else:
-        offset = st.session_state.get("review_offset", 0) % len(items)
-        show_part(items[offset], heads_of(card))
+        show_part(part, heads_of(card))
 st.divider()
 verification(st.session_state.get("user", ""))
 recent_labels()

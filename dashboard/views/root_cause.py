@@ -127,10 +127,10 @@ if corr:
     else:
         table = pd.DataFrame([{"process value": v["name"], "correlation r": v["r"], "parts": v["n"]}
                               for v in corr["variables"]])
-        c1, c2 = st.columns([1, 2])
+        c1, c2 = st.columns([1.1, 1.6])
         with c1:
             st.dataframe(table, hide_index=True, width="stretch", column_config={
-                "correlation r": st.column_config.ProgressColumn(format="%.3f", min_value=-1, max_value=1)})
+                "correlation r": st.column_config.NumberColumn(format="%+.3f")})
             st.caption(f"Point-biserial correlation with 'defective' over {corr['n']:,} of {corr['decided']:,} "
                        "decided parts (evenly spread sample)")
         with c2:

@@ -44,7 +44,7 @@ def process_values(i: int, brightness: int) -> dict[str, float]:
 class Line:
     """Start with :meth:`start`; ``url`` is the daemon's base URL (without /api/v1)."""
 
-    def __init__(self, root: Path, two_person: bool = False) -> None:
+    def __init__(self, root: Path, two_person: bool = False, loop: bool = False) -> None:
         self.root = root
         images = root / "images"
         images.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ class Line:
             "state_dir": str(state),
             "line": {"line_id": "line-1", "asset_id": "station-7", "batch": "B-001"},
             "camera": {"view": "top", "source": "replay",
-                       "replay": {"path": str(images), "triggered": True, "loop": False}},
+                       "replay": {"path": str(images), "triggered": True, "loop": loop}},
             "model": {"warmup_runs": 1},
             "disposition": DISPOSITION,
             "store": {"retention": {"pass": 1.0, "min_free_mb": 0}},
@@ -86,13 +86,29 @@ class Line:
         return self
 
     async def _trigger(self, i: int, value: int) -> None:
-        result = await self.daemon.trigger(part_id=f"P-{i:04d}", batch="B-001" if i < 16 else "B-002",
+        result = await self.daemon.trigger(part_id=f"P-{i:04d}", batch=f"B-{1 + i // 16:03d}",
                                            process_values=process_values(i, value))
         await asyncio.wait_for(result, 30)
 
+    def feed(self, rate_hz: float) -> None:
+        """Keep the line busy: trigger a part every 1/rate_hz seconds until stop (needs loop=True)."""
+        async def feeder() -> None:
+            i = len(BRIGHTNESS)
+            while self.daemon.running:
+                value = BRIGHTNESS[i % len(BRIGHTNESS)]
+                await self._trigger(i, value)
+                i += 1
+                await asyncio.sleep(1 / rate_hz)
+
+        self._feeder = asyncio.run_coroutine_threadsafe(feeder(), self.loop)
+
     def stop(self) -> None:
+        feeder = getattr(self, "_feeder", None)
+        if feeder is not None:
+            feeder.cancel()
         try:
             self.run(self.daemon.stop())
+            self.run(_cancel_the_rest())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
@@ -109,3 +125,11 @@ class Line:
     def api(self, role: str) -> httpx.Client:
         return httpx.Client(base_url=self.url + "/api/v1", headers={"Authorization": f"Bearer {self.token(role)}"},
                             timeout=30)
+
+
+async def _cancel_the_rest() -> None:
+    """Tasks the daemon leaves behind (e.g. a feeder's pending trigger) end before the loop closes."""
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)

@@ -66,7 +66,8 @@ def test_live_shows_the_line(line: Line, api_url: str) -> None:
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Holds waiting"] == str(HELD)
-    assert metrics["Model"] == "brightness-v1"
+    assert metrics["Audit samples"] == "0"
+    assert "brightness-v1" in texts(at) and "operational" in texts(at)
     assert metrics["Parts, 15 min"] == str(line.daemon.stats.judged)
     assert charts(at) == 2, "disposition mix and parts per minute"
     assert len(at.get("image")) == 8, "the last eight parts with thumbnails"
