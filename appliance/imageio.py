@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
                 return np.asarray(im, dtype=np.uint8)
             colour = im.mode in ("RGBA", "P", "CMYK", "YCbCr", "LA", "RGBX")
             return np.asarray(im.convert("RGB" if colour else "L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, RuntimeError,
+            EOFError, LookupError, TypeError, ArithmeticError, struct.error) as exc:  # any Pillow plugin's complaint
         raise BadImage(f"{name}: not a readable image ({exc})") from exc
 
 
