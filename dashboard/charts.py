@@ -87,7 +87,8 @@ def control(points: list[dict[str, Any]], centre: float | None) -> alt.LayerChar
                  "defects", alt.Tooltip("ucl:Q", format=".2%"), alt.Tooltip("lcl:Q", format=".2%")])
     ucl = base.mark_line(color=RED, strokeDash=[6, 4], interpolate="step-after").encode(y="ucl:Q")
     lcl = base.mark_line(color=RED, strokeDash=[6, 4], interpolate="step-after").encode(y="lcl:Q")
-    layers = [ucl, lcl, rate, dots]
+    ticks = [base.mark_tick(color=RED, thickness=2, size=18).encode(y=f"{limit}:Q") for limit in ("ucl", "lcl")]
+    layers = [ucl, lcl, *ticks, rate, dots]
     if centre is not None:
         layers.insert(0, alt.Chart(pd.DataFrame({"centre": [centre]})).mark_rule(
             color=GREY, strokeWidth=2).encode(y="centre:Q"))
@@ -112,7 +113,7 @@ def breakdown(groups: list[dict[str, Any]], by: str, centre: float | None) -> al
     df = pd.DataFrame(groups)
     if df.empty:
         df = pd.DataFrame({"group": [], "rate": [], "n": [], "defects": []})
-    df["worse"] = df["rate"] > (centre or 0) if centre is not None else False
+    df["worse"] = df["rate"] > centre + 1e-4 if centre is not None else False
     bars = alt.Chart(df).mark_bar().encode(
         x=alt.X("group:N", title=by, sort="-y", axis=alt.Axis(labelAngle=-30)),
         y=alt.Y("rate:Q", title="defect rate", axis=alt.Axis(format="%")),

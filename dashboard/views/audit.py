@@ -35,4 +35,4 @@ if data is not None:
     df["detail"] = df["detail"].map(lambda d: json.dumps(d, ensure_ascii=False) if d else "")
     st.caption(f"{len(df)} of {len(entries)} entries, newest first")
     st.dataframe(df[["at", "user", "role", "action", "target", "detail"]], hide_index=True, width="stretch",
-                 height=600)
+                 height=min(640, 36 * (len(df) + 1) + 4))
