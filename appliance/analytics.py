@@ -66,14 +66,9 @@ SIGMA = 3.0
 MINUTE_US = 60_000_000
 
 
-@contextlib.contextmanager
-def cursor(store: Store) -> Iterator[duckdb.DuckDBPyConnection]:
+def cursor(store: Store) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
     """A cursor on the daemon's database, closed afterwards; call from a worker thread."""
-    cur = store._cursor()
-    try:
-        yield cur
-    finally:
-        cur.close()
+    return store.cursor()
 
 
 def _quote(text: str) -> str:

@@ -605,6 +605,8 @@ class Daemon:
                        "online": self.camera_online, "stalled": self.camera_stalled,
                        "finished": self.source_done, "image_health": self.image_health.summary()},
             "holds_waiting": self.holds_waiting,
+            "plc": {e.name: {"online": e in self._started_endpoints, "clients": getattr(e, "clients", None)}
+                    for e in self.endpoints},
             "model_version": self.classifier.version if self.classifier else None,
             "shadow": {"version": self.shadow.version, "judged": self.shadow.judged,
                        "skipped": self.shadow.skipped} if self.shadow else None,

@@ -73,7 +73,9 @@ class _DaemonCollector(Collector):
         conns = GaugeMetricFamily("appliance_plc_connections", "Open PLC client connections",
                                   labels=["protocol"])
         for endpoint in d.endpoints:
-            conns.add_metric([endpoint.name], float(getattr(endpoint, "connections", 0)))
+            clients = getattr(endpoint, "clients", None)
+            if clients is not None:
+                conns.add_metric([endpoint.name], float(clients))
         yield conns
         model = InfoMetricFamily("appliance_model", "The serving model")
         model.add_metric([], {"version": d.classifier.version if d.classifier else "",

@@ -10,10 +10,11 @@ exactly once: ``results.result_id`` is the primary key and recovery inserts only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,6 +278,15 @@ class Store:
         cur.execute("SET TimeZone = 'UTC'")
         return cur
 
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own on the daemon's database (DuckDB cursors are per thread), closed after."""
+        cur = self._cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
     def query(self, f: ResultFilter) -> list[dict[str, Any]]:
         where: list[str] = []
         params: dict[str, Any] = {}
@@ -296,18 +306,14 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY seq DESC LIMIT {int(f.limit)} OFFSET {int(f.offset)}"
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             fetched = cur.execute(sql, params).fetchall()
             rows = [dict(zip(RESULT_COLUMNS, row, strict=True)) for row in fetched]
             self._attach_predictions(cur, rows)
-        finally:
-            cur.close()
         return rows
 
     def get(self, result_id: str) -> dict[str, Any] | None:
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             row = cur.execute(
                 f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE result_id = ?", [result_id]
             ).fetchone()
@@ -315,8 +321,6 @@ class Store:
                 return None
             out = [dict(zip(RESULT_COLUMNS, row, strict=True))]
             self._attach_predictions(cur, out)
-        finally:
-            cur.close()
         return out[0]
 
     @staticmethod
@@ -342,23 +346,17 @@ class Store:
     def image_refs(self, result_ids: list[str]) -> dict[str, str | None]:
         if not result_ids:
             return {}
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             rows = cur.execute("SELECT result_id, image_ref FROM results "
                                "WHERE result_id IN (SELECT unnest($ids))", {"ids": result_ids}).fetchall()
-        finally:
-            cur.close()
         return dict(rows)
 
     def add_predictions(self, rows: list[dict[str, Any]]) -> None:
         """Extra predictions for stored results (the shadow model's); never published."""
         table = pa.Table.from_pylist(rows, schema=_PREDICTIONS_ARROW)
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             cur.register("new_predictions", table)
             cur.execute("INSERT INTO predictions BY NAME SELECT * FROM new_predictions")
-        finally:
-            cur.close()
 
     def shadow_agreement(self, version: str) -> dict[str, Any]:
         """How often the shadow model agreed with the champion, per head and per champion class."""
@@ -367,11 +365,8 @@ class Store:
             FROM predictions c JOIN predictions s ON c.result_id = s.result_id AND c.head = s.head
             WHERE c.role = 'champion' AND s.role = 'shadow' AND s.model_version = ?
             GROUP BY ALL ORDER BY c.head, c.label"""
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             rows = cur.execute(sql, [version]).fetchall()
-        finally:
-            cur.close()
         heads: dict[str, Any] = {}
         for head, label, n, agree in rows:
             h = heads.setdefault(head, {"n": 0, "agreed": 0.0, "per_class": {}})
@@ -415,8 +410,7 @@ class Store:
 
     def verify_label(self, label_id: str, user: str) -> dict[str, Any]:
         """Second-person verification; the labeller cannot verify their own label."""
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             row = cur.execute("SELECT labelled_by, verified_by, superseded FROM labels WHERE label_id = ?",
                               [label_id]).fetchone()
             if row is None:
@@ -430,8 +424,6 @@ class Store:
                 raise PermissionError("a second person must verify this label")
             cur.execute("UPDATE labels SET verified_by = ?, verified_at = ? WHERE label_id = ?",
                         [user, datetime.now(UTC), label_id])
-        finally:
-            cur.close()
         return self.labels(label_id=label_id)[0]
 
     def labels(self, *, result_id: str | None = None, label_id: str | None = None,
@@ -450,29 +442,20 @@ class Store:
             where.append("NOT superseded")
         sql = "SELECT * FROM labels" + (" WHERE " + " AND ".join(where) if where else "")
         sql += f" ORDER BY labelled_at DESC LIMIT {int(limit)}"
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             cursor = cur.execute(sql, params)
             columns = [d[0] for d in cursor.description]
             return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-        finally:
-            cur.close()
 
     def audit(self, user: str, role: str, action: str, target: str | None, detail: dict[str, Any]) -> None:
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             cur.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
                         [datetime.now(UTC), user, role, action, target, json.dumps(detail, default=str)])
-        finally:
-            cur.close()
 
     def audit_log(self, limit: int = 500) -> list[dict[str, Any]]:
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             rows = cur.execute("SELECT logged_at, user_name, role, action, target, detail FROM audit "
                                f"ORDER BY logged_at DESC LIMIT {int(limit)}").fetchall()
-        finally:
-            cur.close()
         return [{"at": at, "user": u, "role": r, "action": a, "target": t, "detail": json.loads(d or "{}")}
                 for at, u, r, a, t, d in rows]
 
@@ -484,31 +467,22 @@ class Store:
               AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)
             ORDER BY (r.review = 'hold') DESC, r.seq DESC
             LIMIT {int(limit)}"""
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             rows = [dict(zip(RESULT_COLUMNS, row, strict=True)) for row in cur.execute(sql).fetchall()]
             self._attach_predictions(cur, rows)
-        finally:
-            cur.close()
         return rows
 
     def holds_waiting(self) -> int:
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             row = cur.execute("SELECT count(*) FROM results r WHERE r.review IS NOT NULL AND NOT EXISTS "
                               "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)"
                               ).fetchone()
-        finally:
-            cur.close()
         return int(row[0]) if row else 0
 
     def counts(self) -> dict[str, Any]:
-        cur = self._cursor()
-        try:
+        with self.cursor() as cur:
             total = cur.execute("SELECT count(*) FROM results").fetchone()
             by = cur.execute("SELECT disposition, count(*) FROM results GROUP BY ALL").fetchall()
-        finally:
-            cur.close()
         return {"total": int(total[0]) if total else 0, "by_disposition": {d: int(n) for d, n in by}}
 
 

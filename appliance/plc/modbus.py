@@ -117,6 +117,11 @@ class ModbusEndpoint:
         self._trigger_trouble = Persistent(log)
 
     @property
+    def clients(self) -> int:
+        """Open PLC connections (for /health and the metrics)."""
+        return len(self.server.connections) if self.server else 0
+
+    @property
     def port(self) -> int | None:
         return self.server.port if self.server else None
 

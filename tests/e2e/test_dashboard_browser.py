@@ -4,8 +4,8 @@ replay line and a fresh ``streamlit run dashboard/app.py``.
 An operator logs in, confirms a held part with one key (Enter), and the label is then in the store
 and in the next retraining set (a verified label); the same operator finds retrain and promote
 disabled and the API answers 403.  Screenshots of every page go to tests/artifacts/dashboard/ and
-are copied to docs/screenshots/ for the README.  Never downloads a browser: Chromium comes from
-Debian (scripts/system-deps.sh).
+are copied to docs/screenshots/ for the README when UPDATE_SCREENSHOTS=1.  Never downloads a
+browser: Chromium comes from Debian (scripts/system-deps.sh).
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def shot(page: object, name: str, height: int | None = None) -> None:
     page.screenshot(path=str(path))  # type: ignore[attr-defined]
     if height:
         page.set_viewport_size(VIEWPORT)  # type: ignore[attr-defined]
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, SCREENSHOTS / f"{name}.png")
+    if os.environ.get("UPDATE_SCREENSHOTS"):  # refresh the README's copies on request only
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, SCREENSHOTS / f"{name}.png")
 
 
 def settle(page: object) -> None:
