@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,20 +20,12 @@ from typing import Any
 import numpy as np
 
 from appliance.camera.replay import list_images
-from appliance.config import AppConfig, load_config
+from appliance.config import AppConfig
 from appliance.daemon import Daemon
 from appliance.imageio import read_image
 from appliance.inference import Classifier
-from appliance.registry import ModelRegistry
 from appliance.result import STAGES, PartResult
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def pct(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, float)
-    return {"p50": round(float(np.percentile(arr, 50)), 3), "p99": round(float(np.percentile(arr, 99)), 3),
-            "max": round(float(arr.max()), 3), "n": len(values)}
+from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
 
 
 def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int) -> dict[str, float]:
@@ -46,7 +35,7 @@ def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int) -> d
         t = time.perf_counter_ns()
         clf.classify(images[i % len(images)])
         times.append((time.perf_counter_ns() - t) / 1e6)
-    return pct(times)
+    return percentiles(times)
 
 
 async def run_line(cfg: AppConfig, rate: float, frames: int | None, seconds: float | None) -> dict[str, Any]:
@@ -75,36 +64,31 @@ async def run_line(cfg: AppConfig, rate: float, frames: int | None, seconds: flo
     return {
         "rate_hz": rate, "elapsed_s": round(elapsed, 2), "judged": judged, "dropped": dropped,
         "parts_per_s": round(judged / elapsed, 1),
-        "stages_ms": {s: pct(v) for s, v in stages.items() if v},
-        "stored_ms": pct(stored),
+        "stages_ms": {s: percentiles(v) for s, v in stages.items() if v},
+        "stored_ms": percentiles(stored),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
-    parser.add_argument("--model", type=Path, help="model package (default: the registry champion)")
+    line_arguments(parser)
     parser.add_argument("--frames", type=int, default=1500, help="parts in the paced run")
     parser.add_argument("--rate", type=float, default=100.0, help="parts/s in the paced run")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the sustained run")
     args = parser.parse_args()
 
-    base = load_config(args.config)
-    model = args.model or ModelRegistry(base.models_dir).champion_path()
-    if model is None:
-        raise SystemExit("no model: run `appliance demo` once (it trains one) or pass --model")
+    base, model, replay_path = line_and_model(args)
     assert base.camera.replay is not None
-    replay_path = base.resolve(base.camera.replay.path)
     paths = [p for p, _ in list_images(base.camera.replay.model_copy(update={"path": replay_path}))][:300]
     images = [read_image(p) for p in paths]
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         cfg = base.model_copy(update={
             "state_dir": Path(tmp),
-            "model": base.model.model_copy(update={"path": model.resolve()}),
+            "model": base.model.model_copy(update={"path": model}),
             "api": base.api.model_copy(update={"port": 0}),
             "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(
-                update={"path": replay_path.resolve()})}),
+                update={"path": replay_path})}),
         })
         bare = bare_model(model, images, args.frames, cfg.model.intra_op_threads)
         paced = asyncio.run(run_line(cfg, args.rate, args.frames, None))
@@ -115,8 +99,7 @@ def main() -> None:
     stored_p99 = paced["stored_ms"]["p99"]
     report = {
         "benchmark": "pipeline",
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "model": str(model), "model_version": Classifier(model, warmup_runs=0).version,
         "bare_model_ms": bare,
         "paced": paced,
@@ -125,8 +108,7 @@ def main() -> None:
         "goals": {"pipeline_p99_ms<=10": stored_p99 <= 10, "ratio<=1.5": stored_p99 <= 1.5 * bare["p99"],
                   "sustained>=100/s": sustained["parts_per_s"] >= 100},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_result("pipeline", report)
     print(f"bare model        p50 {bare['p50']:.2f} ms  p99 {bare['p99']:.2f} ms")
     for stage, s in paced["stages_ms"].items():
         print(f"paced {stage:<12} p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms")

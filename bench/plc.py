@@ -28,13 +28,10 @@ from typing import Any
 
 import duckdb
 import httpx
-import numpy as np
 from ruamel.yaml import YAML
 
-from appliance.config import load_config
-from appliance.registry import ModelRegistry
+from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
 
-RESULTS = Path(__file__).parent / "results"
 MV_URI = "http://opcfoundation.org/UA/MachineVision"
 USER, PASSWORD = "bench", "bench-password-0123"
 SEQ_REGISTER = 10  # result_sequence, uint32 high word first (configs/modbus_map.yaml)
@@ -160,37 +157,22 @@ def run_rate(base_cfg: Path, model: Path, replay: Path, rate: float, seconds: fl
                if rid in acquired]
         mb = [(t - by_seq[seq]) * 1e3 for seq, t in json.loads((tmp / "mb.json").read_text()) if seq in by_seq]
         return {"rate_hz": rate, "seconds": seconds, "results": len(rows),
-                "opcua_event_ms": pct(opc), "modbus_poll_ms": pct(mb)}
+                "opcua_event_ms": percentiles(opc), "modbus_poll_ms": percentiles(mb)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pct(values: list[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"n": 0, "p50": None, "p99": None}
-    arr = np.asarray(values)
-    return {"n": len(values), "p50": round(float(np.percentile(arr, 50)), 2),
-            "p99": round(float(np.percentile(arr, 99)), 2), "max": round(float(arr.max()), 2)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
-    parser.add_argument("--model", type=Path, help="model package (default: the registry champion)")
+    line_arguments(parser)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 100.0])
     args = parser.parse_args()
-    cfg = load_config(args.config)
-    model = args.model or ModelRegistry(cfg.models_dir).champion_path()
-    if model is None:
-        raise SystemExit("no model: run `appliance demo` once (it trains one) or pass --model")
-    assert cfg.camera.replay is not None
-    replay = cfg.resolve(cfg.camera.replay.path).resolve()
-    runs = [run_rate(args.config, model.resolve(), replay, rate, args.seconds) for rate in args.rates]
-    report = {"benchmark": "plc", "machine": {"cpus": os.cpu_count()}, "model": str(model), "runs": runs,
+    _, model, replay = line_and_model(args)
+    runs = [run_rate(args.config, model, replay, rate, args.seconds) for rate in args.rates]
+    report = {"benchmark": "plc", "machine": machine(), "model": str(model), "runs": runs,
               "goal": "p99 <= 10 ms end to end at 100 parts/s"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "plc.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_result("plc", report)
     for r in runs:
         o, m = r["opcua_event_ms"], r["modbus_poll_ms"]
         print(f"{r['rate_hz']:>5.0f} parts/s  OPC UA event p50 {o['p50']} ms p99 {o['p99']} ms (n={o['n']})   "

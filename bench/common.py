@@ -1,0 +1,53 @@
+"""What the benchmarks share: the line they run on, the model they serve, percentiles, the JSON out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.config import AppConfig, load_config
+from appliance.registry import ModelRegistry
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def line_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    parser.add_argument("--model", type=Path, help="model package (default: the registry champion)")
+
+
+def line_and_model(args: argparse.Namespace) -> tuple[AppConfig, Path, Path]:
+    """The configured line, the model to serve, and the replay folder (absolute)."""
+    cfg = load_config(args.config)
+    model = args.model or ModelRegistry(cfg.models_dir).champion_path()
+    if model is None:
+        raise SystemExit("no model: run `appliance demo` once (it trains one) or pass --model")
+    if cfg.camera.replay is None:
+        raise SystemExit(f"{args.config}: the benchmarks need a replay camera")
+    return cfg, model.resolve(), cfg.resolve(cfg.camera.replay.path).resolve()
+
+
+def percentiles(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    arr = np.asarray(values, float)
+    return {"n": len(values), "p50": round(float(np.percentile(arr, 50)), 3),
+            "p99": round(float(np.percentile(arr, 99)), 3), "max": round(float(arr.max()), 3)}
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def write_result(name: str, report: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
