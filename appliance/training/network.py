@@ -41,20 +41,60 @@ class FrozenPart(nn.Module):
         return self.trunk(self.preprocess(image))
 
 
+def hierarchy(heads: list) -> list[tuple[int, int, torch.Tensor]]:
+    """``(child index, parent index, allowed)`` per hierarchical head: ``allowed[p, c]`` = 1 when
+    child class c belongs to parent class p.  A child class missing from ``parent_of`` is allowed
+    under every parent."""
+    names = [h.name for h in heads]
+    out = []
+    for i, h in enumerate(heads):
+        if not h.parent or h.parent not in names:
+            continue
+        j = names.index(h.parent)
+        parent = heads[j]
+        allowed = torch.zeros(len(parent.classes), len(h.classes))
+        for c, name in enumerate(h.classes):
+            p = h.parent_of.get(name)
+            if p in parent.classes:
+                allowed[parent.classes.index(p), c] = 1.0
+            else:
+                allowed[:, c] = 1.0
+        out.append((i, j, allowed))
+    return out
+
+
 class ExportNet(nn.Module):
-    """The deployed graph: uint8 image → per-head softmax(logits / temperature)."""
+    """The deployed graph: uint8 image → per-head softmax(logits / temperature).
+
+    A hierarchical (child) head is made consistent with its parent in the graph: its
+    probabilities are restricted to the classes of the predicted parent class and renormalised
+    (a child whose parent class has no child classes keeps its unrestricted output).
+    """
 
     inv_temperature: torch.Tensor
 
-    def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float]) -> None:
+    def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float],
+                 links: list[tuple[int, int, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.frozen = frozen
         self.net = net
         self.register_buffer("inv_temperature", 1.0 / torch.tensor(temperatures, dtype=torch.float32))
+        self.links = [(i, j) for i, j, _ in links or []]
+        for k, (_, _, allowed) in enumerate(links or []):
+            self.register_buffer(f"allowed_{k}", allowed)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.net(self.frozen(image))
-        return tuple(torch.softmax(z * self.inv_temperature[i], dim=1) for i, z in enumerate(logits))
+        probs = [torch.softmax(z * self.inv_temperature[i], dim=1) for i, z in enumerate(logits)]
+        for k, (child, parent) in enumerate(self.links):
+            allowed: torch.Tensor = getattr(self, f"allowed_{k}")
+            top = probs[parent] >= probs[parent].max(dim=1, keepdim=True).values
+            chosen = (top.float() / top.float().sum(dim=1, keepdim=True)) @ allowed  # N×child
+            mask = (chosen > 0).float()
+            masked = probs[child] * mask
+            total = masked.sum(dim=1, keepdim=True)
+            probs[child] = torch.where(total > 0, masked / total.clamp_min(1e-12), probs[child])
+        return tuple(probs)
 
 
 def build(layout: Literal["NHW", "NHWC"], image_size: int, frozen_blocks: int, classes_per_head: list[int],

@@ -57,3 +57,16 @@ class TrainRecipe(BaseModel):
                     "calibration when the dataset has no 'val' split.",
     )
     seed: int = Field(default=0, ge=0, description="Seed for the split, sampling and initialisation.")
+    quantize: bool = Field(
+        default=False,
+        description="Also build a static int8 model (onnxruntime, calibrated on training images) and "
+                    "ship it instead of the fp32 one unless a head's validation accuracy drops more "
+                    "than max_quantization_drop; the comparison is recorded in the card.",
+    )
+    max_quantization_drop: float = Field(
+        default=0.01, ge=0, le=1,
+        description="Largest validation-accuracy loss (per head, absolute) accepted for int8.",
+    )
+    quantization_images: int = Field(
+        default=64, ge=1, le=10000, description="Training images used to calibrate int8 activations.",
+    )

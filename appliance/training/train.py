@@ -49,8 +49,9 @@ from appliance.training.metrics import (
     macro_f1,
     softmax,
 )
-from appliance.training.network import ExportNet, build
+from appliance.training.network import ExportNet, build, hierarchy
 from appliance.training.progress import Progress
+from appliance.training.quantize import quantize_if_accurate
 from appliance.training.recipe import TrainRecipe
 
 VERIFY_IMAGES = 4
@@ -97,11 +98,20 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
 
     mark = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    model = ExportNet(frozen, net, temperatures).eval()
+    model = ExportNet(frozen, net, temperatures, hierarchy(heads)).eval()
     onnx_path = out / ONNX_FILE
     export_onnx(model, onnx_path, layout, recipe.image_size, [output_name(h.name) for h in heads])
     max_diff = verify_onnx(model, onnx_path, _verification_batches(val_paths, load), threads)
     seconds["export"] = time.perf_counter() - mark
+    quantization = None
+    if recipe.quantize:
+        mark = time.perf_counter()
+        rng = np.random.default_rng(recipe.seed)
+        pick = rng.permutation(len(train_paths))[:recipe.quantization_images]
+        quantization = quantize_if_accurate(
+            onnx_path, [load(train_paths[i]) for i in pick], val_paths, load, y_val,
+            [h.name for h in heads], recipe.max_quantization_drop, threads)
+        seconds["quantize"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
 
     card = ModelCard(
@@ -124,6 +134,7 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
             "epochs_run": result.epochs_run,
             "history": result.history,
             "onnx_max_abs_diff_vs_torch": max_diff,
+            "quantization": quantization,
             "threads": threads,
         },
         training_data_fingerprint=fingerprint(dataset, rows.train + rows.val),
