@@ -64,7 +64,7 @@ def build_training_set(job: Path, base: Path, labels: list[dict[str, Any]], arch
         writer = csv.writer(fh)
         writer.writerow(["image", *heads, "split"])
         for s in base_ds.samples:
-            rel = s.image.resolve().relative_to(base.resolve())
+            rel = s.image.relative_to(base)  # not resolved: dataset images may be symlinks elsewhere
             writer.writerow([f"base/{rel.as_posix()}", *(s.labels.get(h, "") for h in heads), s.split or ""])
         for result_id, head_labels in sorted(by_result.items()):
             ref = image_refs.get(result_id)
@@ -133,7 +133,7 @@ def serve_jobs(retrain_dir: Path, stop: Callable[[], bool]) -> None:
         time.sleep(SERVICE_POLL_S)
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
     """In the child before exec: CPU nice 10 and, on Linux, the idle I/O class."""
     os.nice(NICE)
     if sys.platform == "linux":
@@ -208,7 +208,7 @@ class Retrainer:
             with (folder / "worker.log").open("wb") as log_file:
                 self.job.process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "appliance", "retrain-worker", "--job", str(folder),
-                    stdout=log_file, stderr=asyncio.subprocess.STDOUT, preexec_fn=_lower_priority)
+                    stdout=log_file, stderr=asyncio.subprocess.STDOUT, preexec_fn=lower_priority)
         self._task = asyncio.create_task(self._follow(self.job), name="retrain")
         log.info("retraining %s started by %s: %s", job_id, by, counts)
         return self.job

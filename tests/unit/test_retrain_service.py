@@ -31,3 +31,25 @@ def test_service_claims_a_queued_job_and_reports_failure(tmp_path: Path) -> None
     assert state["phase"] == "failed"
     assert "epochs" in state["message"], "the reason reaches the daemon"
     assert read_progress(other)["phase"] == "trained", "finished jobs are left alone"
+
+
+def test_training_set_from_a_dataset_whose_images_are_a_symlink(tmp_path: Path) -> None:
+    """ELPV's images folder is a symlink into site-packages; the set must still be built."""
+    from appliance.retrain import build_training_set
+    from tests.conftest import write_grade_images
+
+    elsewhere = tmp_path / "site-packages" / "images"
+    write_grade_images(elsewhere, ["0", "1"])
+    base = tmp_path / "dataset"
+    base.mkdir()
+    (base / "images").symlink_to(elsewhere, target_is_directory=True)
+    (base / "labels.csv").write_text("image,defect_grade,split\nimages/part0000.png,0,train\n"
+                                     "images/part0001.png,1,test\n")
+    archive = tmp_path / "archive"
+    write_grade_images(archive / "2026/11/24", ["1"])
+    labels = [{"result_id": "r1", "head": "defect_grade", "label": "1"}]
+    counts = build_training_set(tmp_path / "job", base, labels, archive, {"r1": "2026/11/24/part0000.png"})
+    rows = (tmp_path / "job" / "dataset" / "labels.csv").read_text().splitlines()
+    assert counts == {"base_rows": 2, "verified_parts": 1, "skipped_no_image": 0}
+    assert rows[1:] == ["base/images/part0000.png,0,train", "base/images/part0001.png,1,test",
+                        "archive/2026/11/24/part0000.png,1,train"]
