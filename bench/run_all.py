@@ -1,0 +1,104 @@
+"""Run every benchmark, then render bench/results/README.md: one table of the figures and goals.
+
+    python -m bench.run_all                 # all of them (ELPV training takes ~10 min)
+    python -m bench.run_all --skip elpv     # leave one out
+    python -m bench.run_all --render-only   # re-render from the JSON files already there
+
+Each benchmark is run as its own process (``python -m bench.<name>``) and writes its JSON; this
+script only reads those files, so a table row always shows what that benchmark measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, machine
+
+BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "analytics", "elpv")
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ms(d: dict[str, Any] | None, key: str = "p99") -> str:
+    return "–" if not d or d.get(key) is None else f"{d[key]:.1f} ms"
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    """(benchmark, figure, measured, goal)."""
+    out: list[tuple[str, str, str, str]] = []
+    if p := load("pipeline"):
+        paced, bare = p["paced"], p["bare_model_ms"]
+        out += [("pipeline", "bare model p50 / p99", f"{bare['p50']:.1f} / {bare['p99']:.1f} ms", "–"),
+                ("pipeline", f"frame → stored p99 at {paced['rate_hz']:.0f} parts/s", ms(paced["stored_ms"]),
+                 "≤ 10 ms"),
+                ("pipeline", "stored p99 / bare-model p99", f"{p['ratio_stored_p99_to_bare_p99']}", "≤ 1.5"),
+                ("pipeline", "sustained throughput", f"{p['sustained']['parts_per_s']} parts/s", "≥ 100")]
+    if p := load("plc"):
+        for r in p["runs"]:
+            out += [("plc", f"OPC UA event p50 / p99 at {r['rate_hz']:.0f} parts/s",
+                     f"{ms(r['opcua_event_ms'], 'p50')} / {ms(r['opcua_event_ms'])}", "p99 ≤ 10 ms at 100/s"),
+                    ("plc", f"Modbus poll p50 / p99 at {r['rate_hz']:.0f} parts/s",
+                     f"{ms(r['modbus_poll_ms'], 'p50')} / {ms(r['modbus_poll_ms'])}", "p99 ≤ 10 ms at 100/s")]
+    if p := load("swap"):
+        out += [("swap", f"dropped frames in {p['swaps']} swaps at {p['rate_hz']:.0f} parts/s",
+                 str(p["dropped"]), "0"),
+                ("swap", "stored p99 during swaps / steady",
+                 f"{ms(p['stored_ms_during_swaps'])} / {ms(p['stored_ms_steady'])}", "–")]
+    if p := load("retrain_load"):
+        out += [("retrain_load", "stored p99 while retraining / idle",
+                 f"{ms(p['stored_ms_while_retraining'])} / {ms(p['stored_ms_idle'])} (×{p['p99_ratio']})",
+                 "≤ 1.5 ×")]
+    if p := load("analytics"):
+        out.append(("analytics", f"slowest dashboard query at {p['results']:,} results",
+                    f"{p['worst_dashboard_query_max_ms']} ms (max of runs)", f"≤ {p['goal_ms']} ms"))
+    if p := load("elpv"):
+        out += [("elpv", "4-level test accuracy", f"{p['accuracy_4level']}", "≥ 0.90 (VGG-19: 0.8842)"),
+                ("elpv", "binary accuracy / macro-F1", f"{p['binary_accuracy']} / {p.get('macro_f1')}", "–"),
+                ("elpv", "training time (2 cores)", f"{p['training_seconds']} s", "≤ 600 s")]
+    return out
+
+
+def render() -> Path:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Rendered {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python -m bench.run_all` on "
+        f"{machine()['cpus']} CPU cores ({machine()['processor']}). Each row is read from "
+        "`bench/results/<benchmark>.json`; see each file for the full figures and the machine load "
+        "when it ran.",
+        "",
+        "| benchmark | figure | measured | goal |",
+        "|---|---|---|---|",
+        *(f"| {b} | {f} | {m} | {g} |" for b, f, m, g in rows()),
+        "",
+    ]
+    path = RESULTS / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip", nargs="*", default=[], choices=BENCHMARKS)
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    if not args.render_only:
+        for name in BENCHMARKS:
+            if name in args.skip:
+                continue
+            print(f"== {name}", flush=True)
+            subprocess.run([sys.executable, "-m", f"bench.{name}"], check=False)
+    print(f"wrote {render()}")
+
+
+if __name__ == "__main__":
+    main()
