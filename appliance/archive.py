@@ -88,7 +88,10 @@ class ImageArchive:
         now = time.monotonic()
         if now - self._last_disk_check > 1.0:
             self._last_disk_check = now
-            free_mb = shutil.disk_usage(self.root).free / 1e6
+            try:
+                free_mb = shutil.disk_usage(self.root).free / 1e6
+            except OSError:  # the folder was deleted (to free space?); the writer re-creates it
+                free_mb = shutil.disk_usage(self.root.parent).free / 1e6
             low = free_mb < self.retention.min_free_mb
             if low and not self.low_disk:
                 log.error("disk nearly full (%.0f MB free < %d MB): image archiving stopped",
