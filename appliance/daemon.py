@@ -17,11 +17,12 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from appliance.analytics import Analytics, Filters, Shifts, heads_for
 from appliance.archive import ImageArchive
 from appliance.auth import TokenIssuer, UserStore
 from appliance.camera.base import Frame, FrameSource, TriggerNotSupported
@@ -48,6 +49,9 @@ RECONNECT_MAX_S = 30.0
 STUCK_AFTER_S = 10.0
 """Frames waiting but none judged for this long: inference is hung; stop feeding the watchdog."""
 HOLDS_REFRESH_S = 5.0
+QUALITY_CHECK_S = 60.0
+QUALITY_WINDOW = timedelta(hours=8)
+"""The control chart the PLC's quality alarm follows: the defect rate of the last shift's length."""
 
 
 class LineHalted(RuntimeError):
@@ -186,6 +190,9 @@ class Daemon:
         self.metrics = LineMetrics()
         self.image_health = ImageHealth(config.camera.health)
         self.holds_waiting = 0
+        self.analytics: Analytics | None = None
+        self.quality_alarm = False
+        self.quality_reason = ""
         self.camera_stalled = False
         self._last_frame = time.monotonic()
         self._last_judged = (0, time.monotonic())
@@ -214,6 +221,7 @@ class Daemon:
                 log.warning("recovered %d results from the journal after an unclean stop",
                             self.store.recovered)
             self.archive.start()
+            self.analytics = Analytics(self.store, heads_for(self.config, self.classifier.card))
             from appliance.api import ApiServer
 
             self._api = ApiServer(self)
@@ -282,6 +290,9 @@ class Daemon:
             await asyncio.to_thread(self.shadow.close)
             self.shadow = None
         self.archive.close()
+        if self.analytics is not None:
+            self.analytics.close()
+            self.analytics = None
         await asyncio.to_thread(self.store.close)
         if self._started:
             log.info("line stopped: %s", self.stats.summary())
@@ -557,7 +568,7 @@ class Daemon:
         """Camera stall detection, the systemd watchdog, and slow-changing gauges."""
         watchdog = watchdog_interval_s()
         tick = min(watchdog or 1.0, 1.0)
-        next_holds = 0.0
+        next_holds = next_quality = 0.0
         while True:
             await asyncio.sleep(tick)
             self._check_camera()
@@ -566,6 +577,26 @@ class Daemon:
             if time.monotonic() >= next_holds:
                 next_holds = time.monotonic() + HOLDS_REFRESH_S
                 self.holds_waiting = await asyncio.to_thread(self.store.holds_waiting)
+            if time.monotonic() >= next_quality:
+                next_quality = time.monotonic() + QUALITY_CHECK_S
+                await self._check_quality()
+
+    async def _check_quality(self) -> None:
+        """The defect-rate control chart's alarm, for the PLC (Modbus bit, health, metrics)."""
+        if self.analytics is None:
+            return
+        try:
+            chart = await asyncio.to_thread(self.analytics.control,
+                                            Filters(since=datetime.now(UTC) - QUALITY_WINDOW), Shifts())
+        except Exception:  # analytics is advisory: never let it stop the supervisor
+            log.exception("quality control chart could not be computed")
+            return
+        alarm = chart.get("alarm") or {}
+        active, reason = bool(alarm.get("active")), str(alarm.get("reason") or "")
+        if active != self.quality_alarm:
+            (log.warning if active else log.info)("quality alarm %s: %s", "raised" if active else "cleared",
+                                                  reason or "defect rate back within its control limits")
+        self.quality_alarm, self.quality_reason = active, reason
 
     def _check_camera(self) -> None:
         silent = time.monotonic() - self._last_frame
@@ -605,6 +636,7 @@ class Daemon:
                        "online": self.camera_online, "stalled": self.camera_stalled,
                        "finished": self.source_done, "image_health": self.image_health.summary()},
             "holds_waiting": self.holds_waiting,
+            "quality_alarm": {"active": self.quality_alarm, "reason": self.quality_reason},
             "plc": {e.name: {"online": e in self._started_endpoints, "clients": getattr(e, "clients", None)}
                     for e in self.endpoints},
             "model_version": self.classifier.version if self.classifier else None,

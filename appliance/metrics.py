@@ -68,6 +68,8 @@ class _DaemonCollector(Collector):
                                 value=d.holds_waiting)
         yield GaugeMetricFamily("appliance_image_health_alarm", "1 while images drift from their baseline",
                                 value=1.0 if d.image_health.alarm else 0.0)
+        yield GaugeMetricFamily("appliance_quality_alarm", "1 while the defect rate is outside its control limits",
+                                value=1.0 if d.quality_alarm else 0.0)
         yield GaugeMetricFamily("appliance_archive_low_disk", "1 while image archiving is stopped for disk",
                                 value=1.0 if d.archive.low_disk else 0.0)
         conns = GaugeMetricFamily("appliance_plc_connections", "Open PLC client connections",

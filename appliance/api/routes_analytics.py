@@ -72,7 +72,7 @@ def analytics_of(request: Request) -> an.Analytics:
     daemon = daemon_of(request)
     card = daemon.classifier.card if daemon.classifier is not None else None
     heads = an.heads_for(daemon.config, card)
-    current: an.Analytics | None = getattr(request.app.state, "analytics", None)
+    current: an.Analytics | None = daemon.analytics or getattr(request.app.state, "analytics", None)
     if current is None or current.store is not daemon.store:
         current = an.Analytics(daemon.store, heads)
         request.app.state.analytics = current

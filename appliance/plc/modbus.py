@@ -259,8 +259,9 @@ class ModbusEndpoint:
             "ready": state == "operational" and self.pending == 0 and not img.get("trigger"),
             "trigger_ack": self.trigger_ack, "busy": self.pending > 0,
             "result_valid": self.result_valid, "error": state == "error",
-            "camera_online": self.daemon.source.online, "halted": state == "halted",
-            "trigger_failed": self.trigger_failed,
+            "camera_online": self.daemon.camera_online, "halted": state == "halted",
+            "trigger_failed": self.trigger_failed, "image_warning": self.daemon.image_health.alarm,
+            "quality_alarm": self.daemon.quality_alarm,
         }
         word = 0
         for name in STATUS_BITS:

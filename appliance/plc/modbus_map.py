@@ -34,7 +34,7 @@ STRUCT = {"uint16": ">H", "int16": ">h", "uint32": ">I", "int32": ">i", "float32
 
 # What the appliance binds to: name -> (allowed tables, type, access, enum it must use).
 STATUS_BITS = ("ready", "trigger_ack", "busy", "result_valid", "error", "camera_online", "halted",
-               "trigger_failed")
+               "trigger_failed", "image_warning", "quality_alarm")
 CONTROL_BITS = ("trigger", "result_ack", "reset")
 _OUT = ("input_register", "holding_register")
 _IN = ("holding_register",)

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(shutil.which("mbpoll") is None,
 
 HOST = "127.0.0.1"
 DI = {n: i for i, n in enumerate(["ready", "trigger_ack", "busy", "result_valid", "error",
-                                  "camera_online", "halted", "trigger_failed"])}
+                                  "camera_online", "halted", "trigger_failed", "image_warning",
+                                  "quality_alarm"])}
 PLC = {"type_head": "cell_type", "severity_head": "defect_grade"}
 
 
@@ -62,7 +63,7 @@ async def mb_write(port: int, *args: str, values: list[Any]) -> None:
 
 
 async def status(port: int) -> dict[str, bool]:
-    bits = await mb_read(port, "-t", "1", "-r", "0", "-c", "8")
+    bits = await mb_read(port, "-t", "1", "-r", "0", "-c", str(len(DI)))
     return {name: bool(bits[i]) for name, i in DI.items()}
 
 
@@ -249,6 +250,23 @@ async def test_trigger_on_a_halted_line_is_reported_and_reset_recovers(tmp_path:
     assert error == {2: 2, 3: 1}  # vision_state halted, trigger_error halted
     assert after["ready"] and not after["trigger_failed"]
     assert kept == "KEEP-ME", "inputs of a refused trigger wait for the next part"
+
+
+async def test_image_health_and_quality_alarms_reach_the_plc(tmp_path: Path, line_config) -> None:
+    cfg, port = triggered_line(tmp_path, line_config, ["0"])
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        quiet = await status(port)
+        daemon.image_health.alarm = True  # as after a drift (tests/unit/test_image_health.py)
+        daemon.quality_alarm = True  # as after the control chart left its limits
+        raised = await wait_status(port, "quality_alarm", True)
+        word = (await mb_read(port, "-t", "4", "-r", "1", "-c", "1"))[1]  # status_word
+    finally:
+        await daemon.stop()
+    assert not quiet["image_warning"] and not quiet["quality_alarm"]
+    assert raised["image_warning"] and raised["ready"], "a warning, not a stop: the line still takes triggers"
+    assert int(word) & (1 << 8) and int(word) & (1 << 9)
 
 
 async def test_a_camera_that_refuses_the_trigger_is_reported(tmp_path: Path, line_config,

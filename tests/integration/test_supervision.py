@@ -117,3 +117,25 @@ async def test_metrics_endpoint(tmp_path: Path, line_config) -> None:
     assert 'appliance_stage_latency_ms_count{stage="inference"} 4.0' in text
     assert 'appliance_state{state="operational"} 1.0' in text
     assert "appliance_model_info{" in text and "appliance_camera_online 1.0" in text
+
+
+async def test_quality_alarm_follows_the_control_chart(tmp_path: Path, line_config) -> None:
+    images = tmp_path / "img"
+    write_grade_images(images, ["1"] * 30)  # every part a reject
+    daemon = Daemon(line_config(images))
+    await daemon.start()
+    try:
+        await daemon.wait_for_results(30, timeout=20)
+        daemon.store.flush()
+        await daemon._check_quality()  # the real control chart on 30 stored rejects: no limits left
+        computed = dict(daemon.health()["quality_alarm"])
+        assert daemon.analytics is not None
+        daemon.analytics.control = lambda *a, **k: {"alarm": {"active": True, "reason": "p above UCL"}}  # type: ignore[method-assign]
+        await daemon._check_quality()
+        raised = dict(daemon.health()["quality_alarm"])
+        metrics = daemon.metrics.render().decode()
+    finally:
+        await daemon.stop()
+    assert computed["active"] is False  # one subgroup at p = 1 has zero width: nothing to judge
+    assert raised == {"active": True, "reason": "p above UCL"}
+    assert "appliance_quality_alarm 1.0" in metrics
