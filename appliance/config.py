@@ -99,6 +99,11 @@ class ModelConfig(Strict):
         description="A model package folder to serve. If absent, the registry's champion is served.")
     intra_op_threads: int = Field(default=2, ge=1, le=64, description="onnxruntime threads per inference.")
     warmup_runs: int = Field(default=3, ge=0, le=100, description="Inferences run at load, before serving.")
+    spin_wait: bool = Field(
+        default=False,
+        description="Let onnxruntime's threads spin between inferences: a little lower latency on an "
+                    "otherwise idle machine, but on 2 cores it steals the CPU the camera, journal and "
+                    "API threads need.")
 
 
 class Rule(Strict):

@@ -253,7 +253,8 @@ class Daemon:
                 f"no model to serve: set model.path, or register one in {self.registry.root} "
                 "(`appliance train` / `appliance demo`)"
             )
-        classifier = Classifier(path, self.config.model.intra_op_threads, self.config.model.warmup_runs)
+        m = self.config.model
+        classifier = Classifier(path, m.intra_op_threads, m.warmup_runs, m.spin_wait)
         self.disposer.check_against(classifier.card)
         return classifier
 
@@ -370,8 +371,8 @@ class Daemon:
 
     # -- model lifecycle ---------------------------------------------------------------------------
     def _load_version(self, version: str) -> Classifier:
-        classifier = Classifier(self.registry.path(version), self.config.model.intra_op_threads,
-                                self.config.model.warmup_runs)
+        m = self.config.model
+        classifier = Classifier(self.registry.path(version), m.intra_op_threads, m.warmup_runs, m.spin_wait)
         self.disposer.check_against(classifier.card)
         return classifier
 

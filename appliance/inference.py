@@ -37,13 +37,15 @@ Prediction = dict[str, HeadPrediction]
 class Classifier:
     """One loaded, validated and warmed ONNX session."""
 
-    def __init__(self, package_dir: Path | str, intra_op_threads: int = 2, warmup_runs: int = 3) -> None:
+    def __init__(self, package_dir: Path | str, intra_op_threads: int = 2, warmup_runs: int = 3,
+                 spin_wait: bool = False) -> None:
         self.package_dir = Path(package_dir)
         self.card: ModelCard = read_card(self.package_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         try:
             self._session = ort.InferenceSession(
                 str(self.package_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]

@@ -4,7 +4,10 @@ Measured in one run, on the same images and threads:
   * bare: onnxruntime ``Classifier.classify`` on decoded images in a tight loop;
   * paced: the real daemon (replay camera → queue → classifier → disposition → journal fsync)
     at ``--rate`` parts/s; "stored" is acquired → durable, i.e. when a PLC may be told;
-  * sustained: the same daemon with the camera as fast as it can go, for ``--seconds``.
+  * sustained: the same daemon with the camera at ``--sustained-rate`` for ``--seconds``: the parts/s
+    judged and the frames dropped (a camera faster than the classifier would only measure how fast
+    the replay source can decode PNGs on the same two cores).
+PLC servers are off here; bench/plc.py measures the path to the PLC.
 Writes bench/results/pipeline.json.  Needs a model: run `appliance demo` once, or pass --model.
 """
 
@@ -28,8 +31,8 @@ from appliance.result import STAGES, PartResult
 from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
 
 
-def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int) -> dict[str, float]:
-    clf = Classifier(model, threads, warmup_runs=10)
+def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int, spin: bool) -> dict[str, float]:
+    clf = Classifier(model, threads, warmup_runs=10, spin_wait=spin)
     times = []
     for i in range(n):
         t = time.perf_counter_ns()
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1500, help="parts in the paced run")
     parser.add_argument("--rate", type=float, default=100.0, help="parts/s in the paced run")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the sustained run")
+    parser.add_argument("--sustained-rate", type=float, default=100.0, help="camera rate of the sustained run")
     args = parser.parse_args()
 
     base, model, replay_path = line_and_model(args)
@@ -87,14 +91,16 @@ def main() -> None:
             "state_dir": Path(tmp),
             "model": base.model.model_copy(update={"path": model}),
             "api": base.api.model_copy(update={"port": 0}),
+            "opcua": base.opcua.model_copy(update={"enabled": False}),
+            "modbus": base.modbus.model_copy(update={"enabled": False}),
             "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(
                 update={"path": replay_path})}),
         })
-        bare = bare_model(model, images, args.frames, cfg.model.intra_op_threads)
+        bare = bare_model(model, images, args.frames, cfg.model.intra_op_threads, cfg.model.spin_wait)
         paced = asyncio.run(run_line(cfg, args.rate, args.frames, None))
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         cfg = cfg.model_copy(update={"state_dir": Path(tmp)})
-        sustained = asyncio.run(run_line(cfg, 10_000.0, None, args.seconds))
+        sustained = asyncio.run(run_line(cfg, args.sustained_rate, None, args.seconds))
 
     stored_p99 = paced["stored_ms"]["p99"]
     report = {
@@ -106,7 +112,7 @@ def main() -> None:
         "sustained": sustained,
         "ratio_stored_p99_to_bare_p99": round(stored_p99 / bare["p99"], 3),
         "goals": {"pipeline_p99_ms<=10": stored_p99 <= 10, "ratio<=1.5": stored_p99 <= 1.5 * bare["p99"],
-                  "sustained>=100/s": sustained["parts_per_s"] >= 100},
+                  "sustained>=100/s": sustained["parts_per_s"] >= 100 and sustained["dropped"] == 0},
     }
     write_result("pipeline", report)
     print(f"bare model        p50 {bare['p50']:.2f} ms  p99 {bare['p99']:.2f} ms")
@@ -115,8 +121,8 @@ def main() -> None:
     print(f"paced stored      p50 {paced['stored_ms']['p50']:.2f} ms  p99 {stored_p99:.2f} ms "
           f"({paced['judged']} parts at {args.rate:.0f}/s, {paced['dropped']} dropped)")
     print(f"ratio stored p99 / bare p99 = {report['ratio_stored_p99_to_bare_p99']}")
-    print(f"sustained         {sustained['parts_per_s']} parts/s ({sustained['dropped']} frames dropped "
-          f"by the camera queue)")
+    print(f"sustained         {sustained['parts_per_s']} parts/s judged with the camera at "
+          f"{args.sustained_rate:.0f}/s ({sustained['dropped']} frames dropped by the full queue)")
     print(f"goals: {report['goals']}")
 
 
