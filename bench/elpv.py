@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
 from appliance.dataset import load_dataset
 from appliance.datasets.elpv import import_elpv
 from appliance.imageio import read_image
@@ -142,6 +143,17 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def variant_row(r: dict) -> dict:
+    """One line of the variants table kept in the results file."""
+    rec = r["recipe"]
+    return {"variant": r["variant"], "date": r["date"], "image_size": rec["image_size"],
+            "frozen_blocks": rec["frozen_blocks"], "epochs": rec["epochs"], "best_epoch": r["best_epoch"],
+            "class_balance": rec["class_balance"], "quantize": rec.get("quantize", False),
+            "training_seconds": r["training_seconds"], "load_avg_1m_at_end": r["machine"]["load_avg_1m_at_end"],
+            "accuracy_4level": r["accuracy_4level"], "binary_accuracy": r["binary_accuracy"],
+            "macro_f1": r["macro_f1"], "recall": r["recall"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ELPV dataset folder (imported if absent)")
@@ -156,6 +168,8 @@ def main() -> None:
     result = run(args.data, recipe, args.package, label)
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result["variants"] = [*previous.get("variants", []), variant_row(result)]  # every run, in order
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
