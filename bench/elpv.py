@@ -135,7 +135,8 @@ def table(r: dict) -> str:
         f"  binary accuracy    {r['binary_accuracy']:.4f}   (defective = grade ≥ 1/2)",
         f"  ECE val before/after calibration  {r['ece_val_uncalibrated']} / {r['ece_val_calibrated']}"
         f"   (test {r['ece_test']:.4f}, T={r['temperature']:.3f})",
-        f"  training seconds   {r['training_seconds']:.1f}   (goal ≤ {GOAL_SECONDS:.0f}) {r['training_seconds_by_stage']}",
+        f"  training seconds   {r['training_seconds']:.1f}   (goal ≤ {GOAL_SECONDS:.0f}) "
+        f"{r['training_seconds_by_stage']}",
         f"  latency bs1 2thr   p50 {r['latency']['p50_ms']} ms  p99 {r['latency']['p99_ms']} ms",
     ]
     if r.get("quantization"):
