@@ -569,7 +569,8 @@ class Daemon:
         """Camera stall detection, the systemd watchdog, and slow-changing gauges."""
         watchdog = watchdog_interval_s()
         tick = min(watchdog or 1.0, 1.0)
-        next_holds = next_quality = 0.0
+        next_holds = 0.0
+        next_quality = time.monotonic() + QUALITY_CHECK_S  # a chart needs a while of parts first
         while True:
             await asyncio.sleep(tick)
             self._check_camera()
