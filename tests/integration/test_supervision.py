@@ -92,7 +92,8 @@ async def test_systemd_ready_and_watchdog(tmp_path: Path, line_config,
     finally:
         await daemon.stop()
         with contextlib.suppress(TimeoutError):
-            messages.append(listener.recv(4096).decode())
+            while True:  # everything sent up to and including STOPPING=1
+                messages.append(listener.recv(4096).decode())
         listener.close()
     assert messages[0].startswith("READY=1")
     assert sum("WATCHDOG=1" in m for m in messages) >= 3
