@@ -271,9 +271,9 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*acquire, return_exceptions=True)
         judge = [t for t in self._tasks if t.get_name() == "judge"]
-        if judge:
+        if any(not t.done() for t in judge):  # a judge task that ended would never take the sentinel
             await self._queue.put(None)
-            await asyncio.gather(*judge, return_exceptions=True)
+        await asyncio.gather(*judge, return_exceptions=True)
         self._tasks.clear()
         for ticket in self._tickets:
             if not ticket.result.done():
@@ -484,8 +484,14 @@ class Daemon:
             dequeued_ns = time.perf_counter_ns()
             classifier = self.classifier  # a model swap takes effect between two frames
             assert classifier is not None
-            result = await loop.run_in_executor(self._infer_pool, self._judge, frame, classifier,
-                                                dequeued_ns)
+            try:
+                result = await loop.run_in_executor(self._infer_pool, self._judge, frame, classifier,
+                                                    dequeued_ns)
+            except Exception:  # a bug must cost one part, never the line (the PLC would see "ready")
+                log.exception("part from %s could not be judged; it is dropped and counted", frame.source_ref)
+                self.stats.dropped += 1
+                self.metrics.dropped.inc()
+                continue
             await self._commit(result, frame)
 
     def _judge(self, frame: Frame, classifier: Classifier, dequeued_ns: int) -> PartResult:

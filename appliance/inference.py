@@ -129,7 +129,10 @@ class Classifier:
     def classify_batch(self, images: list[np.ndarray]) -> list[Prediction]:
         """Classify images of one size in one run (callers group by size)."""
         batch = np.stack([self.conform(im) for im in images])
-        results = self._session.run(self._outputs, {INPUT_NAME: batch})
+        try:
+            results = self._session.run(self._outputs, {INPUT_NAME: batch})
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise BadImage(f"the model cannot run on this {batch.shape[2]}×{batch.shape[1]} image: {exc}") from exc
         out: list[Prediction] = []
         for row in range(len(images)):
             pred: Prediction = {}

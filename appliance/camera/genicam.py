@@ -355,6 +355,8 @@ class GenICamSource(FrameSource):
         self._frames.put_nowait(None)
 
     async def frames(self) -> AsyncIterator[Frame]:
+        if self._thread is None:  # a reopen failed: say so, so the daemon tries again later
+            raise GenICamError(f"camera {self.camera_view} is not open")
         while (frame := await self._frames.get()) is not None:
             yield frame
         if self._failure is not None:

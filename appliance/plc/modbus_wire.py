@@ -241,7 +241,6 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        self._last = asyncio.get_running_loop().time()
         self._buf += data
         replies = []
         while len(self._buf) >= MBAP.size:
@@ -256,7 +255,8 @@ class _Connection(asyncio.Protocol):
             del self._buf[:end]
             reply = self.server.handle(unit, pdu)
             replies.append(MBAP.pack(tid, 0, len(reply) + 1, unit) + reply)
-        if replies:
+        if replies:  # only answered requests count as activity: a trickled partial frame does not
+            self._last = asyncio.get_running_loop().time()
             self.transport.write(b"".join(replies))
 
     def _malformed(self, what: str) -> None:
