@@ -355,8 +355,10 @@ class GenICamSource(FrameSource):
         self._frames.put_nowait(None)
 
     async def frames(self) -> AsyncIterator[Frame]:
-        if self._thread is None:  # a reopen failed: say so, so the daemon tries again later
-            raise GenICamError(f"camera {self.camera_view} is not open")
+        if self._thread is None and self._frames.empty():
+            # a reopen failed before it started (e.g. the producer file is gone): nothing will ever
+            # arrive on this queue, so say so and let the daemon try again later
+            raise GenICamError(self._failure or f"camera {self.camera_view} is not open")
         while (frame := await self._frames.get()) is not None:
             yield frame
         if self._failure is not None:
