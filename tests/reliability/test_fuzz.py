@@ -450,8 +450,10 @@ async def test_garbage_on_both_plc_ports(tmp_path: Path, line_config, state_dir:
     daemon_process.append(daemon)
     daemon.spawn()
     daemon.wait_running(timeout=120)
-    state_before = await secure_session_state(opcua_port, cert, key, state_dir / "pki" / "own" / "cert.der")
     daemon.wait_judged(100)  # warmed up: caches, the first DuckDB ingests, one OPC UA session
+    # read after the warm-up: the OPC UA state machine mirrors the daemon every 0.2 s, so right at
+    # start it may still (correctly) say Preoperational
+    state_before = await secure_session_state(opcua_port, cert, key, state_dir / "pki" / "own" / "cert.der")
     rss_before, fds_before, threads_before = rss_mb(daemon.pid), fd_count(daemon.pid), thread_count(daemon.pid)
     judged_before = daemon.health()["judged"]
 
