@@ -38,7 +38,7 @@ from tests.conftest import write_grade_images
 from tests.reliability.conftest import record, sized
 
 PULLS = sized(5, 20)
-GENICAM_PULLS = sized(3, 20)
+GENICAM_PULLS = sized(2, 20)  # both kinds of pull
 DETECT_LIMIT_S = 10.0  # issue E: a stalled or disconnected camera is detected within 10 s
 RESUME_LIMIT_S = RECONNECT_MAX_S + 15.0  # at worst one full backoff period, plus a loaded machine
 STOP_LIMIT_S = 15.0  # GenICam close waits at most 2 × 5 s for a driver thread

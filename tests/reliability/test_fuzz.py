@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -37,7 +38,7 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto.cert_gen import generate_private_key, generate_self_signed_app_certificate
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
-from asyncua.ua.ua_binary import nodeid_to_binary, struct_to_binary
+from asyncua.ua.ua_binary import struct_to_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -300,7 +301,7 @@ def opn_none() -> bytes:
     sequence = ua.SequenceHeader()
     sequence.SequenceNumber, sequence.RequestId = 1, 1
     body = (struct.pack("<I", 0) + struct_to_binary(security) + struct_to_binary(sequence)
-            + nodeid_to_binary(request.TypeId) + struct_to_binary(request))
+            + struct_to_binary(request))  # the request's TypeId is its first field
     return b"OPNF" + struct.pack("<I", 8 + len(body)) + body
 
 
@@ -486,8 +487,10 @@ async def test_garbage_on_both_plc_ports(tmp_path: Path, line_config, state_dir:
         rss_before_mb=round(rss_before, 1), rss_peak_mb=round(rss_peak, 1), rss_after_mb=round(rss_after, 1),
         fds_before=fds_before, fds_after=fds_after, threads_before=threads_before, threads_after=threads_after,
         judged_during_and_after=health["judged"] - judged_before, dropped=health["dropped"],
-        state_after=health["state"])
+        state_after=health["state"], daemon_log_lines=len(daemon.output().splitlines()),
+        daemon_log_tracebacks=daemon.output().count("Traceback"))
     assert modbus.frames >= MODBUS_FRAMES, figures
+    assert opcua.replies["OPN"] >= opcua.counts["opn_valid"] // 2, "valid OpenSecureChannel requests are answered"
     assert not plc.failures and plc.polls > 0, f"the connected PLC was not answered during the fuzz: {figures}"
     assert modbus.closed_by_server >= modbus.counts["bad_header"] * 0.9, "untrustworthy headers close the stream"
     assert regs[2] == 1, "vision_state operational, read by a new Modbus connection"
@@ -600,3 +603,47 @@ async def test_opcua_announced_huge_chunk_is_refused_before_it_is_buffered(tmp_p
            closed_by_server=closed_by_server)
     assert held <= 1 << 20, f"the server held {held:,} bytes of a chunk it can never accept"
     assert closed_by_server, "a connection announcing a chunk over the limit is closed"
+
+
+async def test_opcua_garbage_does_not_flood_the_log(tmp_path: Path, line_config,
+                                                    daemon_process: list[DaemonProcess]) -> None:
+    """asyncua logs every malformed OPC UA message at ERROR, most with a full traceback.
+
+    In the fuzz above, 2,000 garbage connections made the daemon write about 12,600 log lines with
+    635 tracebacks: anybody on the plant network can flood the journal (and hide what matters).
+    Expected, as the Modbus server does it: the first one logged, the rest at debug level while
+    they persist (and counted).  Here: 300 connections each send a HEL and a mutated
+    OpenSecureChannel; the daemon's log (the product's own logging set-up, in a child process)
+    may hold at most 10 error lines and 2 tracebacks for them.
+    """
+    images = tmp_path / "images"
+    write_grade_images(images, ["0"])
+    api_port, opcua_port = free_port(), free_port()
+    cfg = line_config(images, api={"host": HOST, "port": api_port},
+                      camera={"view": "top", "source": "replay", "replay": {"path": str(images), "triggered": True}},
+                      opcua={"enabled": True, "host": HOST, "port": opcua_port,
+                             "users": [{"name": OPERATOR, "role": "operator", "password_env": "FLOOD_OPCUA_PW"}]})
+    (tmp_path / "logs").mkdir()
+    daemon = DaemonProcess(config_file(tmp_path / "run.yaml", cfg), api_port, tmp_path / "logs",
+                           env={"FLOOD_OPCUA_PW": PASSWORD})
+    daemon_process.append(daemon)
+    daemon.spawn()
+    daemon.wait_running(timeout=120)
+    lines_before = len(daemon.output().splitlines())
+    fuzz = OpcUaFuzz(opcua_port, random.Random(7))
+    limit = asyncio.Semaphore(OPCUA_CONCURRENCY)
+
+    async def one() -> None:
+        async with limit:
+            await fuzz.one("opn_mutated")
+
+    await asyncio.gather(*(one() for _ in range(300)))
+    await asyncio.sleep(1.0)
+    assert daemon.terminate() == 0
+    new = daemon.output().splitlines()[lines_before:]
+    errors = [line for line in new if re.match(r"\S+ \[(error|critical)", line)]
+    tracebacks = sum("Traceback" in line for line in new)
+    record("opcua_log_flood", connections=300, new_log_lines=len(new), error_lines=len(errors),
+           tracebacks=tracebacks, first_error=errors[0][:160] if errors else None)
+    assert len(errors) <= 10 and tracebacks <= 2, (
+        f"300 garbage OPC UA connections wrote {len(new)} log lines, {len(errors)} errors, {tracebacks} tracebacks")
