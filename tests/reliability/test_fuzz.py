@@ -605,6 +605,9 @@ async def test_opcua_announced_huge_chunk_is_refused_before_it_is_buffered(tmp_p
     assert closed_by_server, "a connection announcing a chunk over the limit is closed"
 
 
+@pytest.mark.xfail(strict=True, reason="open bug (docs/reliability.md #8): asyncua logs every malformed "
+                   "OPC UA message at ERROR, most with a traceback; fix: a filter on asyncua.server's loggers "
+                   "that logs the first one and demotes the rest to debug while they persist")
 async def test_opcua_garbage_does_not_flood_the_log(tmp_path: Path, line_config,
                                                     daemon_process: list[DaemonProcess]) -> None:
     """asyncua logs every malformed OPC UA message at ERROR, most with a full traceback.
