@@ -283,7 +283,9 @@ class Analytics:
         self.store = store
         self.heads = heads
         self.refresh_s = refresh_s
-        self._mem = duckdb.connect(":memory:")
+        # bounded like the store's database; spills (if ever) next to it, not into the working folder
+        self._mem = duckdb.connect(":memory:", config=store.duckdb_config(
+            store.db_path.with_name(store.db_path.name + ".rollup.tmp")))
         self._mem.execute("SET TimeZone = 'UTC'")
         self._mem.execute(ROLLUP_SCHEMA)
         self._lock = threading.Lock()

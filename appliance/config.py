@@ -19,6 +19,8 @@ from appliance.yamlio import load_yaml_with_lines, validation_message
 
 Disposition = Literal["pass", "rework", "reject", "hold"]
 DISPOSITIONS: tuple[str, ...] = ("pass", "rework", "reject", "hold")
+DUCKDB_MEMORY_LIMIT_MB = 256
+DUCKDB_THREADS = 2
 
 
 class Strict(BaseModel):
@@ -159,6 +161,14 @@ class StoreConfig(Strict):
         description="Results arriving within this window share one commit. Power loss can lose at "
                     "most this window; results are never published before they are committed.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    duckdb_memory_limit_mb: int = Field(
+        default=DUCKDB_MEMORY_LIMIT_MB, ge=64, le=65536,
+        description="Most memory DuckDB may use for the result database (its cache of table blocks and "
+                    "query working memory; larger queries spill to <path>.tmp), and again for the "
+                    "dashboard's in-memory rollup. DuckDB's own default is 80 % of the host's RAM.")
+    duckdb_threads: int = Field(
+        default=DUCKDB_THREADS, ge=1, le=64,
+        description="Threads DuckDB may use for a query (its default: every core, which inference needs).")
 
 
 class ApiConfig(Strict):

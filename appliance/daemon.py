@@ -172,7 +172,8 @@ class Daemon:
     def __init__(self, config: AppConfig, source: FrameSource | None = None) -> None:
         self.config = config
         self.source = source or make_source(config)
-        self.store = Store(config.resolve(config.store.path), config.state_dir / "journal")
+        self.store = Store(config.resolve(config.store.path), config.state_dir / "journal",
+                           memory_limit_mb=config.store.duckdb_memory_limit_mb, threads=config.store.duckdb_threads)
         self.archive = ImageArchive(config.resolve(config.store.archive_dir), config.store.retention)
         self.registry = ModelRegistry(config.models_dir)
         self.users = UserStore(config.state_dir / "users.json")

@@ -23,6 +23,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from appliance.config import DUCKDB_MEMORY_LIMIT_MB, DUCKDB_THREADS
 from appliance.errors import UserError
 from appliance.journal import Journal
 from appliance.result import PartResult, new_result_id
@@ -122,10 +123,13 @@ class ResultFilter:
 
 
 class Store:
-    def __init__(self, db_path: Path, journal_dir: Path, ingest_interval_s: float = 0.25) -> None:
+    def __init__(self, db_path: Path, journal_dir: Path, ingest_interval_s: float = 0.25,
+                 memory_limit_mb: int = DUCKDB_MEMORY_LIMIT_MB, threads: int = DUCKDB_THREADS) -> None:
         self.db_path = db_path
         self.journal = Journal(journal_dir)
         self.ingest_interval_s = ingest_interval_s
+        self.memory_limit_mb = memory_limit_mb
+        self.threads = threads
         self._con: duckdb.DuckDBPyConnection | None = None
         self._pending: list[PartResult] = []
         self._pending_lock = threading.Lock()
@@ -140,7 +144,7 @@ class Store:
     def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._con = duckdb.connect(str(self.db_path))
+            self._con = duckdb.connect(str(self.db_path), config=self.duckdb_config())
         except duckdb.IOException as exc:
             raise UserError(
                 f"{self.db_path}: cannot open the result database ({exc}); is another daemon running?"
@@ -155,6 +159,14 @@ class Store:
         self._stop.clear()
         self._thread = threading.Thread(target=self._ingest_loop, name="store-ingest", daemon=True)
         self._thread.start()
+
+    def duckdb_config(self, temp_directory: Path | None = None) -> dict[str, Any]:
+        """DuckDB settings of the appliance's databases: bounded memory and threads (DuckDB's defaults,
+        80 % of the host's RAM and every core, are not for an edge PC shared with inference)."""
+        config: dict[str, Any] = {"memory_limit": f"{self.memory_limit_mb}MiB", "threads": self.threads}
+        if temp_directory is not None:
+            config["temp_directory"] = str(temp_directory)
+        return config
 
     def _recover(self) -> None:
         assert self._con is not None

@@ -173,9 +173,6 @@ def test_soak_memory_fds_and_journal_stay_flat(tmp_path: Path, line_config, stat
     assert not list(journal.glob("journal-*.jsonl")), "a clean stop leaves no journal behind"
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (docs/reliability.md #9): the store leaves DuckDB's "
-                   "memory_limit at its default, 80 % of the host's RAM; fix: SET memory_limit in Store.open "
-                   "(a store.memory_limit_mb setting)")
 def test_the_result_store_caps_its_database_memory(tmp_path: Path) -> None:
     """DuckDB keeps table blocks cached up to its ``memory_limit`` — 80 % of the host's RAM unless set.
 
