@@ -2,7 +2,9 @@
 
 The real daemon replays the line at ``--rate`` parts/s with the real model; two registered
 versions of it are promoted in turn (gate skipped: this measures the swap itself — load, warm,
-switch).  A part counts as "during a swap" when it was acquired while a promote was in progress.
+switch).  A part counts as "during a swap" when it was acquired while a promote was in progress; "steady"
+is every other part after the ``--settle`` start-up (whose warm-up transients and drops are
+reported apart).
 Writes bench/results/swap.json.
 """
 
@@ -63,12 +65,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         daemon.publishers.append(record)
         await daemon.start()
         windows: list[tuple[float, float]] = []
+        dropped_in_swaps = 0
         try:
             await asyncio.sleep(args.settle)
+            measured_from, dropped_before = time.monotonic(), daemon.stats.dropped
             for i in range(args.swaps):
-                started = time.monotonic()
+                started, dropped_at_start = time.monotonic(), daemon.stats.dropped
                 await daemon.promote(versions[(i + 1) % 2], "bench", force=True)
                 windows.append((started, time.monotonic()))
+                dropped_in_swaps += daemon.stats.dropped - dropped_at_start
                 await asyncio.sleep(args.gap)
         finally:
             frames, dropped, judged = daemon.stats.frames, daemon.stats.dropped, daemon.stats.judged
@@ -78,13 +83,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return any(a <= t <= b for a, b in windows)
 
     swap_lat = [ms for t, ms, _ in seen if during(t)]
-    steady = [ms for t, ms, _ in seen if not during(t)]
+    steady = [ms for t, ms, _ in seen if t >= measured_from and not during(t)]  # start-up excluded
     switches = sum(1 for prev, cur in itertools.pairwise(seen) if prev[2] != cur[2])
     return {
         "benchmark": "swap", "machine": machine(), "model": str(model), "rate_hz": args.rate,
         "swaps": args.swaps, "version_switches_seen_in_results": switches,
         "swap_seconds": percentiles([(b - a) for a, b in windows]),
-        "frames": frames, "judged": judged, "dropped": dropped,
+        "frames": frames, "judged": judged, "dropped": dropped - dropped_before,
+        "dropped_during_swaps": dropped_in_swaps, "dropped_during_settle": dropped_before,
         "stored_ms_during_swaps": percentiles(swap_lat), "stored_ms_steady": percentiles(steady),
     }
 
