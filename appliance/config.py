@@ -204,6 +204,12 @@ class OpcUaConfig(Strict):
         default=False,
         description="DANGER: also open a None-security endpoint with anonymous read access, for "
                     "commissioning only. Logged loudly at every start.")
+    max_connections: int = Field(
+        default=32, ge=1, le=1000,
+        description="Further TCP clients are refused (counting those still opening a session).")
+    activation_timeout_s: float = Field(
+        default=10, gt=0, le=300,
+        description="Close a connection that has not activated a session this long after connecting.")
 
 
 class ModbusConfig(Strict):

@@ -36,6 +36,16 @@ class LineMetrics:
                                ["stage"], buckets=LATENCY_BUCKETS_MS, registry=r)
         self.store_errors = Counter("appliance_store_errors", "Results that could not be journaled",
                                     registry=r)
+        self.opcua_malformed = Counter(
+            "appliance_opcua_malformed_messages", "OPC UA messages refused as malformed, each closing its "
+            "connection (kind: chunk_too_large, bad_header, message_type, undecodable)", ["kind"], registry=r)
+        self.opcua_refused = Counter(
+            "appliance_opcua_refused_connections", "OPC UA connections refused or closed by the server (reason: "
+            "max_connections, not_activated, inbound_queue_full)", ["reason"], registry=r)
+
+    def opcua_event(self, family: str, kind: str) -> None:
+        """Count what the OPC UA port refused (see appliance.plc.opcua_transport.MalformedTraffic)."""
+        (self.opcua_malformed if family == "malformed" else self.opcua_refused).labels(kind).inc()
 
     def observe(self, result: PartResult, stored_ms: float) -> None:
         self.results.labels(result.disposition, result.status).inc()

@@ -33,6 +33,7 @@ from appliance.plc.opcua_pki import Pki, default_hostnames
 from appliance.plc.opcua_query import ResultQueries
 from appliance.plc.opcua_results import Reported, ResultEncoder, ResultReadyEvent
 from appliance.plc.opcua_security import AccountManager, SecureInternalServer, load_accounts
+from appliance.plc.opcua_transport import GuardedServer, MalformedTraffic
 from appliance.result import PartResult
 from opcua_model import LoadedModel, load_model
 
@@ -90,6 +91,7 @@ class OpcUaEndpoint:
         self.pki = Pki(daemon.config.state_dir / "pki")
         self.url = f"opc.tcp://{config.host}:{config.port}"
         self.jobs = Jobs()
+        self.traffic = MalformedTraffic(lambda family, kind: self.daemon.metrics.opcua_event(family, kind))
         self.server: Server | None = None
         self.model: LoadedModel | None = None
         self.encoder: ResultEncoder | None = None
@@ -124,7 +126,11 @@ class OpcUaEndpoint:
                             f"{exc}") from exc
         iserver = SecureInternalServer(AccountManager(accounts, allow_anonymous=cfg.insecure_commissioning))
         iserver.allow_unsecured_sessions = cfg.insecure_commissioning
-        server = self.server = Server(iserver=iserver)
+        iserver.max_connections = cfg.max_connections
+        iserver.max_pending_activation_seconds = cfg.activation_timeout_s
+        # chunk headers checked before a byte of their body is buffered; malformed traffic reported
+        # once per host, then counted (asyncua: buffered until complete, an ERROR each)
+        server = self.server = GuardedServer(iserver=iserver, traffic=self.traffic)
         await server.init()
         server.set_endpoint(self.url)
         server.set_server_name(f"Defect appliance {daemon.config.line.line_id}/{daemon.config.line.asset_id}")

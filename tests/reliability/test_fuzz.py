@@ -543,9 +543,6 @@ async def test_modbus_slow_loris_cannot_hold_connections_past_the_idle_timeout(t
     assert answer[:2] == b"\x00\x07", f"the PLC was locked out by clients that never sent a request: {answer!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (docs/reliability.md #7): asyncua 2.1.0 buffers a chunk "
-                   "before checking its announced size; fix: close the connection in a BinaryServer "
-                   "protocol subclass as soon as a pending chunk announces more than 65,535 bytes")
 async def test_opcua_announced_huge_chunk_is_refused_before_it_is_buffered(tmp_path: Path, line_config,
                                                                            state_dir: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -605,9 +602,6 @@ async def test_opcua_announced_huge_chunk_is_refused_before_it_is_buffered(tmp_p
     assert closed_by_server, "a connection announcing a chunk over the limit is closed"
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (docs/reliability.md #8): asyncua logs every malformed "
-                   "OPC UA message at ERROR, most with a traceback; fix: a filter on asyncua.server's loggers "
-                   "that logs the first one and demotes the rest to debug while they persist")
 async def test_opcua_garbage_does_not_flood_the_log(tmp_path: Path, line_config,
                                                     daemon_process: list[DaemonProcess]) -> None:
     """asyncua logs every malformed OPC UA message at ERROR, most with a full traceback.
@@ -615,9 +609,10 @@ async def test_opcua_garbage_does_not_flood_the_log(tmp_path: Path, line_config,
     In the fuzz above, 2,000 garbage connections made the daemon write about 12,600 log lines with
     635 tracebacks: anybody on the plant network can flood the journal (and hide what matters).
     Expected, as the Modbus server does it: the first one logged, the rest at debug level while
-    they persist (and counted).  Here: 300 connections each send a HEL and a mutated
-    OpenSecureChannel; the daemon's log (the product's own logging set-up, in a child process)
-    may hold at most 10 error lines and 2 tracebacks for them.
+    they persist, and counted in ``appliance_opcua_malformed_messages_total``.  Here: 300
+    connections each send a HEL and a mutated OpenSecureChannel; the daemon's log (the product's
+    own logging set-up, in a child process) may hold at most 10 error lines and 2 tracebacks for
+    them.
     """
     images = tmp_path / "images"
     write_grade_images(images, ["0"])
@@ -642,11 +637,14 @@ async def test_opcua_garbage_does_not_flood_the_log(tmp_path: Path, line_config,
 
     await asyncio.gather(*(one() for _ in range(300)))
     await asyncio.sleep(1.0)
+    counted = sum(float(m) for m in re.findall(r"^appliance_opcua_malformed_messages_total\{[^}]*\} (\S+)$",
+                                               daemon.metrics(), re.M))
     assert daemon.terminate() == 0
     new = daemon.output().splitlines()[lines_before:]
     errors = [line for line in new if re.match(r"\S+ \[(error|critical)", line)]
     tracebacks = sum("Traceback" in line for line in new)
     record("opcua_log_flood", connections=300, new_log_lines=len(new), error_lines=len(errors),
-           tracebacks=tracebacks, first_error=errors[0][:160] if errors else None)
+           tracebacks=tracebacks, first_error=errors[0][:160] if errors else None, malformed_counted=counted)
     assert len(errors) <= 10 and tracebacks <= 2, (
         f"300 garbage OPC UA connections wrote {len(new)} log lines, {len(errors)} errors, {tracebacks} tracebacks")
+    assert counted >= 100, f"the malformed messages are counted in /metrics instead: {counted}"

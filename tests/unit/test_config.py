@@ -89,3 +89,10 @@ def test_duckdb_limits_default_and_bounds(tmp_path: Path) -> None:
     assert (cfg.store.duckdb_memory_limit_mb, cfg.store.duckdb_threads) == (256, 2)
     with pytest.raises(UserError, match=r"store\.duckdb_memory_limit_mb"):
         load_config(write(tmp_path, GOOD + "store:\n  duckdb_memory_limit_mb: 16\n"))
+
+
+def test_opcua_connection_limits_default_and_bounds(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert (cfg.opcua.max_connections, cfg.opcua.activation_timeout_s) == (32, 10)
+    with pytest.raises(UserError, match=r"opcua\.activation_timeout_s"):
+        load_config(write(tmp_path, GOOD + "opcua:\n  activation_timeout_s: 0\n"))
