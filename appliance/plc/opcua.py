@@ -58,6 +58,13 @@ LATEST: tuple[tuple[str, ua.VariantType, Any], ...] = (
     ("Content", ua.VariantType.ExtensionObject, None),
 )
 """App:LatestResult variables: name, type, value before the first result (Content: an empty one)."""
+HEALTH: dict[str, tuple[str, ua.VariantType]] = {
+    "image_warning": ("VisionSystem.Health.ImageWarning", ua.VariantType.Boolean),
+    "image_reason": ("VisionSystem.Health.ImageWarningReason", _S),
+    "quality_alarm": ("VisionSystem.Health.QualityAlarm", ua.VariantType.Boolean),
+    "quality_reason": ("VisionSystem.Health.QualityAlarmReason", _S),
+}
+"""App:Health variables (the Modbus status bits image_warning and quality_alarm, with their reasons)."""
 
 
 def _encrypt_passwords(server: Server) -> None:
@@ -302,7 +309,8 @@ class OpcUaEndpoint:
                 failing = False
 
     async def sync_state(self) -> None:
-        """Mirror the daemon into the state machines, the recipe and the consumed inputs."""
+        """Mirror the daemon into the state machines, the recipe, the consumed inputs and the health
+        warnings (at most STATE_POLL_S late)."""
         model, control, daemon = self.model, self.control, self.daemon
         if model is None or control is None or self.server is None:
             return
@@ -326,6 +334,10 @@ class OpcUaEndpoint:
                 "part": ("VisionSystem.Inputs.PartId", daemon.context.part_id or ""),
                 "values": ("VisionSystem.Inputs.ProcessValues", list(daemon.context.process_values.values())),
             }
+            health = daemon.image_health
+            for key, value in (("image_warning", health.alarm), ("image_reason", "; ".join(health.reasons)),
+                               ("quality_alarm", daemon.quality_alarm), ("quality_reason", daemon.quality_reason)):
+                wanted[key] = (HEALTH[key][0], value)
             writes: list[tuple[ua.NodeId, ua.Variant]] = []
             for key, (path, value) in wanted.items():
                 shown = value[1] if key in ("vision", "auto") else value
@@ -344,6 +356,8 @@ class OpcUaEndpoint:
                                                                     ua.VariantType.ExtensionObject)))
                 elif key == "part":
                     writes.append((model.app_node(path), ua.Variant(value, ua.VariantType.String)))
+                elif key in HEALTH:
+                    writes.append((model.app_node(path), ua.Variant(value, HEALTH[key][1])))
                 else:
                     control.process_values_raw = value
                     writes.append((model.app_node(path), ua.Variant(value, ua.VariantType.Double,

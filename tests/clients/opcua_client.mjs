@@ -14,7 +14,8 @@
 // (what an administrator does) and this client retries until the session opens. (2) Browse the
 // VisionSystem, subscribe to ResultReadyEvents on the VisionSystem and on the Server object,
 // write the part inputs, call StartSingleJob twice and collect the events with their decoded
-// ResultContent. (3) The reader may read but not call or write; anonymous and None-security
+// ResultContent; read and follow the Health warnings while the test raises them (on "STEP
+// health-subscribed"). (3) The reader may read but not call or write; anonymous and None-security
 // sessions are refused.
 
 import { createRequire } from "node:module";
@@ -254,6 +255,36 @@ async function main() {
         ],
     });
     result.getResultById = { status: byId.statusCode.name, out: byId.outputArguments?.map(describe) };
+
+    // health warnings (Modbus status bits 8 and 9): read, then follow them while the test raises both
+    const healthNames = ["ImageWarning", "ImageWarningReason", "QualityAlarm", "QualityAlarmReason"];
+    const healthIds = {};
+    for (const name of healthNames) healthIds[name] = await node(`/${app}:Health/${app}:${name}`);
+    const readHealth = async () => {
+        const values = await session.read(healthNames.map((n) => ({ nodeId: healthIds[n], attributeId: AttributeIds.Value })));
+        return Object.fromEntries(healthNames.map((n, i) => [n, describe(values[i].value)]));
+    };
+    result.health = { before: await readHealth(), changes: [] };
+    const healthSubscription = await session.createSubscription2({
+        requestedPublishingInterval: 50, requestedLifetimeCount: 600, requestedMaxKeepAliveCount: 20,
+        maxNotificationsPerPublish: 100, publishingEnabled: true, priority: 1,
+    });
+    for (const name of healthNames) {
+        const item = ClientMonitoredItem.create(healthSubscription, { nodeId: healthIds[name], attributeId: AttributeIds.Value },
+            { samplingInterval: 0, queueSize: 10, discardOldest: true }, TimestampsToReturn.Both);
+        item.on("changed", (dv) => result.health.changes.push([name, plain(dv.value.value)]));
+    }
+    await sleep(300);
+    step("health-subscribed");  // the test raises both warnings now
+    const raised = (name) => result.health.changes.some(([n, v]) => n === name && v === true);
+    const until = Date.now() + timeoutMs;
+    while (!(raised("ImageWarning") && raised("QualityAlarm")) && Date.now() < until) await sleep(20);
+    await sleep(300);  // the reasons come with the same update
+    result.health.after = await readHealth();
+    result.health.write = await write(session, healthIds.ImageWarning, DataType.Boolean, false);
+    await healthSubscription.terminate();
+    check(raised("ImageWarning") && raised("QualityAlarm"), "health warnings never seen raised");
+    step("health", JSON.stringify(result.health.after));
 
     // (3) roles and refused sessions
     const reader = await client.createSession(identity(settings.reader));

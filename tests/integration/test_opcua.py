@@ -17,6 +17,7 @@ import logging
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,12 @@ READER = {"user": "scada-reader", "password": "rd-secret-2"}
 INPUTS = {"partId": "PLC-PART-0001", "batch": "PLC-BATCH-9", "processValueNames": ["temp_c", "speed"],
           "processValues": [81.5, 1.25]}
 ARG_PART = "ARG-PART-0002"
+IMAGE_REASONS = ["brightness 71 vs baseline 120", "sharpness 20 is below 50% of baseline 60"]
+QUALITY_REASON = "defect rate 12.5 % above the upper control limit 8.1 %"
 
 
-async def _run_client(settings: dict[str, Any], pki: Path, timeout: float = 60) -> dict[str, Any]:
+async def _run_client(settings: dict[str, Any], pki: Path, timeout: float = 60,
+                      on_step: dict[str, Callable[[], None]] | None = None) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         str(NODE), str(CLIENTS / "opcua_client.mjs"), json.dumps(settings), cwd=CLIENTS,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -59,6 +63,9 @@ async def _run_client(settings: dict[str, Any], pki: Path, timeout: float = 60) 
                 for cert in sorted((pki / "rejected").glob("*.der")):
                     shutil.move(cert, pki / "trusted" / cert.name)
                     moved.append(cert.name)
+            for name, action in (on_step or {}).items():
+                if line.startswith(f"STEP {name}"):
+                    action()
 
     try:
         await asyncio.wait_for(asyncio.gather(read(), proc.wait()), timeout)
@@ -94,12 +101,19 @@ async def _scenario(root: Path) -> dict[str, Any]:
     }))
     daemon = Daemon(config)
     await daemon.start()
+
+    def raise_warnings() -> None:
+        """What the daemon sets when the lamp ages and the defect rate leaves its control limits."""
+        daemon.image_health.alarm, daemon.image_health.reasons = True, list(IMAGE_REASONS)
+        daemon.quality_alarm, daemon.quality_reason = True, QUALITY_REASON
+
     try:
         pki = state / "pki"
         client = await _run_client({
             "url": f"opc.tcp://127.0.0.1:{port}", "pki": str(root / "client-pki"),
             "serverCert": str(pki / "own" / "cert.der"), "operator": OPERATOR, "reader": READER,
-            "inputs": INPUTS, "argPartId": ARG_PART, "timeoutMs": 20000}, pki)
+            "inputs": INPUTS, "argPartId": ARG_PART, "timeoutMs": 20000}, pki,
+            on_step={"health-subscribed": raise_warnings})
         await daemon.wait_for_results(3, timeout=10)
         daemon.store.flush()
         client["stored"] = await asyncio.to_thread(daemon.store.query, ResultFilter(limit=10))
@@ -139,7 +153,7 @@ def test_vision_system_browses_like_opc_40100(run: dict[str, Any]) -> None:
     mv, app = "http://opcfoundation.org/UA/MachineVision", "urn:defect-appliance:opcua"
     children = set(run["report"]["visionSystemChildren"])
     assert {f"{mv}|VisionStateMachine", f"{mv}|ResultManagement", f"{mv}|RecipeManagement",
-            f"{mv}|ConfigurationManagement", f"{app}|LatestResult", f"{app}|Inputs"} <= children
+            f"{mv}|ConfigurationManagement", f"{app}|LatestResult", f"{app}|Inputs", f"{app}|Health"} <= children
     assert run["report"]["stateBefore"] == "Operational"
 
 
@@ -224,6 +238,23 @@ def test_trigger_variable_acquires_a_part_and_is_set_back(run: dict[str, Any]) -
 def test_halt_refuses_jobs_until_reset(run: dict[str, Any]) -> None:
     assert run["report"]["halt"] == {"halt": "Good", "state": "Halted", "startSingleJob": "BadInvalidState",
                                      "reset": "Good", "stateAfterReset": "Operational"}
+
+
+def test_health_warnings_mirror_the_modbus_status_bits(run: dict[str, Any]) -> None:
+    """App:Health carries what Modbus status bits 8 (image_warning) and 9 (quality_alarm) carry, with
+    the reasons; a subscriber sees them change (within the 0.2 s state mirror), nobody may write them."""
+    health = run["report"]["health"]
+    plain = {name: v["value"] for name, v in health["before"].items()}
+    assert plain == {"ImageWarning": False, "ImageWarningReason": "", "QualityAlarm": False,
+                     "QualityAlarmReason": ""}
+    assert {name: v["dataType"] for name, v in health["before"].items()} == {
+        "ImageWarning": "Boolean", "ImageWarningReason": "String", "QualityAlarm": "Boolean",
+        "QualityAlarmReason": "String"}
+    assert {name: v["value"] for name, v in health["after"].items()} == {
+        "ImageWarning": True, "ImageWarningReason": "; ".join(IMAGE_REASONS), "QualityAlarm": True,
+        "QualityAlarmReason": QUALITY_REASON}
+    assert ["ImageWarning", True] in health["changes"] and ["QualityAlarm", True] in health["changes"]
+    assert health["write"] == "BadUserAccessDenied"  # read-only UserAccessLevel, even for an operator
 
 
 def test_inputs_check_their_types(run: dict[str, Any]) -> None:

@@ -55,6 +55,10 @@ async def _load() -> dict[str, Any]:
         found["writable"][name] = await server.get_node(app(f"VisionSystem.Inputs.{name}")).get_access_level()
     latest = server.get_node(app("VisionSystem.LatestResult.Disposition"))
     found["latest_access"] = await latest.get_access_level()
+    found["health"] = {}
+    for name in ("ImageWarning", "ImageWarningReason", "QualityAlarm", "QualityAlarmReason"):
+        variable = server.get_node(app(f"VisionSystem.Health.{name}"))
+        found["health"][name] = (await variable.read_data_type(), await variable.get_access_level())
     return found
 
 
@@ -69,9 +73,16 @@ def test_model_loads_in_its_namespaces(loaded: dict[str, Any]) -> None:
     assert loaded["namespaces"][model.app] == APP_NAMESPACE
     assert loaded["children"] == [f"{model.mv}:VisionStateMachine", f"{model.mv}:ResultManagement",
                                   f"{model.mv}:RecipeManagement", f"{model.mv}:ConfigurationManagement",
-                                  f"{model.app}:LatestResult", f"{model.app}:Inputs"]
+                                  f"{model.app}:LatestResult", f"{model.app}:Inputs", f"{model.app}:Health"]
     assert loaded["notifier"] == {ua.EventNotifier.SubscribeToEvents}
     assert loaded["states"] == {"Preoperational": 1, "Halted": 2, "Error": 3, "Operational": 4}
+
+
+def test_health_warnings_are_read_only_variables(loaded: dict[str, Any]) -> None:
+    boolean, string = ua.NodeId(ua.ObjectIds.Boolean), ua.NodeId(ua.ObjectIds.String)
+    read_only = {ua.AccessLevel.CurrentRead}
+    assert loaded["health"] == {"ImageWarning": (boolean, read_only), "ImageWarningReason": (string, read_only),
+                                "QualityAlarm": (boolean, read_only), "QualityAlarmReason": (string, read_only)}
 
 
 def test_result_ready_event_type_has_the_40100_properties(loaded: dict[str, Any]) -> None:
