@@ -42,6 +42,9 @@ class LineMetrics:
         self.opcua_refused = Counter(
             "appliance_opcua_refused_connections", "OPC UA connections refused or closed by the server (reason: "
             "max_connections, not_activated, inbound_queue_full)", ["reason"], registry=r)
+        self.modbus_refused = Counter(
+            "appliance_modbus_refused_connections", "Modbus TCP connections refused by the server (reason: "
+            "max_connections)", ["reason"], registry=r)
 
     def opcua_event(self, family: str, kind: str) -> None:
         """Count what the OPC UA port refused (see appliance.plc.opcua_transport.MalformedTraffic)."""

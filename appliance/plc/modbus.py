@@ -27,6 +27,7 @@ from pymodbus.constants import ExcCodes
 
 from appliance.camera.base import TriggerNotSupported
 from appliance.config import ModbusConfig
+from appliance.plc.log_once import Persistent
 from appliance.plc.modbus_map import (
     CONTROL_BITS,
     STATUS_BITS,
@@ -35,7 +36,7 @@ from appliance.plc.modbus_map import (
     Value,
     load_register_map,
 )
-from appliance.plc.modbus_wire import ModbusError, ModbusTcpServer, Persistent
+from appliance.plc.modbus_wire import ModbusError, ModbusTcpServer
 from appliance.result import PartResult
 
 if TYPE_CHECKING:
@@ -133,7 +134,8 @@ class ModbusEndpoint:
         self.server = ModbusTcpServer(self, host=self.config.host, port=self.config.port,
                                       unit_id=self.config.unit_id,
                                       max_connections=self.config.max_connections,
-                                      idle_timeout_s=self.config.idle_timeout_s)
+                                      idle_timeout_s=self.config.idle_timeout_s,
+                                      refused=lambda reason: self.daemon.metrics.modbus_refused.labels(reason).inc())
         await self.server.start()
         self._spawn(self._heartbeat())
         log.info("Modbus TCP on %s:%s (unit %d, %s word order first, map %s)", self.config.host,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
@@ -38,12 +39,13 @@ from pymodbus.pdu.register_message import (
 )
 
 from appliance.errors import UserError
+from appliance.plc.log_once import Persistent
 
 log = logging.getLogger(__name__)
 
 MBAP = struct.Struct(">HHHB")  # transaction id, protocol id, length (unit id + PDU), unit id
 MAX_PDU = 253
-QUIET_S = 60.0  # malformed traffic counts as over after this long without any
+QUIET_S = 60.0  # malformed frames, or refusals at the limit, count as over after this long without any
 READ_TABLE = {1: "coil", 2: "discrete_input", 3: "holding_register", 4: "input_register"}
 READ_MAX = {1: 2000, 2: 2000, 3: 125, 4: 125}
 READ_RESPONSE: dict[int, type[ModbusPDU]] = {
@@ -66,22 +68,6 @@ class RegisterBank(Protocol):
     def read(self, table: str, address: int, count: int) -> list[int]: ...
 
     def write(self, table: str, address: int, values: list[int]) -> None: ...
-
-
-class Persistent:
-    """Log a condition once when it starts, at debug while it persists, at info when it ends."""
-
-    def __init__(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
-        self.log, self.level, self.active = logger, level, False
-
-    def fail(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        self.log.log(logging.DEBUG if self.active else self.level, msg, *args, **kwargs)
-        self.active = True
-
-    def recover(self, msg: str, *args: Any) -> None:
-        if self.active:
-            self.log.info(msg, *args)
-            self.active = False
 
 
 def _check(pdu: bytes) -> None:
@@ -148,20 +134,27 @@ def _execute(bank: RegisterBank, fc: int, req: ModbusPDU) -> ModbusPDU:
 
 
 class ModbusTcpServer:
-    """Serves one register bank to at most ``max_connections`` clients; idle clients are dropped."""
+    """Serves one register bank to at most ``max_connections`` clients; idle clients are dropped.
+
+    Connections refused at the limit are counted in ``counters`` and passed to ``refused`` (with the
+    reason, ``max_connections``: the daemon's Prometheus counter); the first of a flood is logged at
+    WARNING, the rest at DEBUG, and "accepting again" only once none was refused for :data:`QUIET_S`
+    (a flood at the limit lets a client in whenever another leaves).
+    """
 
     def __init__(self, bank: RegisterBank, *, host: str, port: int, unit_id: int,
-                 max_connections: int, idle_timeout_s: float) -> None:
+                 max_connections: int, idle_timeout_s: float,
+                 refused: Callable[[str], None] | None = None) -> None:
         self.bank, self.host, self.port, self.unit_id = bank, host, port, unit_id
         self.max_connections, self.idle_timeout_s = max_connections, idle_timeout_s
+        self.refused = refused
         self.connections: set[_Connection] = set()
         self.counters = {"connections": 0, "refused": 0, "requests": 0, "exceptions": 0,
                          "malformed": 0, "internal_errors": 0, "idle_closed": 0}
         self._server: asyncio.Server | None = None
-        self._at_limit = Persistent(log)
+        self._at_limit = Persistent(log, quiet_s=QUIET_S)
         self._internal = Persistent(log, logging.ERROR)
-        self._garbage = Persistent(log)
-        self._last_garbage = 0.0
+        self._garbage = Persistent(log, quiet_s=QUIET_S)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,8 +177,12 @@ class ModbusTcpServer:
     def accept(self, conn: _Connection) -> bool:
         if len(self.connections) >= self.max_connections:
             self.counters["refused"] += 1
+            if self.refused is not None:
+                self.refused("max_connections")
             self._at_limit.fail("modbus: connection from %s refused, %d clients is the limit "
-                                "(modbus.max_connections)", conn.peer, self.max_connections)
+                                "(modbus.max_connections; further refusals are logged at debug level while "
+                                "they go on, and counted in appliance_modbus_refused_connections_total)",
+                                conn.peer, self.max_connections)
             return False
         self.connections.add(conn)
         self.counters["connections"] += 1
@@ -194,10 +191,7 @@ class ModbusTcpServer:
 
     def malformed(self, peer: str, what: str) -> None:
         self.counters["malformed"] += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._last_garbage > QUIET_S:
-            self._garbage.recover("modbus: no malformed frames for %.0f s", QUIET_S)
-        self._last_garbage = now
+        self._garbage.recover("modbus: no malformed frames for %.0f s", QUIET_S)
         self._garbage.fail("modbus: malformed frame from %s (%s); closing that connection "
                            "(further ones are logged at debug level)", peer, what)
 

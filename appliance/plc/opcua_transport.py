@@ -43,7 +43,7 @@ from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.ua.ua_binary import header_from_binary, uatcp_to_binary
 
-from appliance.plc.modbus_wire import Persistent
+from appliance.plc.log_once import Persistent
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class MalformedTraffic:
         self.count = count
         self.counts: dict[str, int] = {}
         self._last: dict[str, float] = {}  # host → time of its latest event
-        self._at_limit = Persistent(log)
-        self._refused_at = -QUIET_S
+        self._at_limit = Persistent(log, quiet_s=QUIET_S)
 
     def _event(self, family: str, kind: str) -> None:
         key = f"{family}:{kind}"
@@ -140,15 +139,13 @@ class MalformedTraffic:
 
     def at_limit(self, peer: Any, limit: int) -> None:
         self._event("refused", "max_connections")
-        self._refused_at = asyncio.get_running_loop().time()
         self._at_limit.fail("OPC UA: connection from %s refused, %d clients is the limit (opcua.max_connections)",
                             _peer(peer), limit)
 
     def accepted(self, clients: int) -> None:
         """A connection accepted: the limit counts as over once none was refused for QUIET_S (a flood at
         the limit accepts one now and then, and would otherwise log two lines each time)."""
-        if asyncio.get_running_loop().time() - self._refused_at > QUIET_S:
-            self._at_limit.recover("OPC UA: accepting clients again (%d connected)", clients)
+        self._at_limit.recover("OPC UA: accepting clients again (%d connected)", clients)
 
 
 class GuardedProtocol(OPCUAProtocol):

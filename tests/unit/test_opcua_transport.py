@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from asyncua import ua
 
-from appliance.plc import opcua_transport
+from appliance.plc import log_once, opcua_transport
 from appliance.plc.opcua_transport import (
     CHUNK_LIMIT,
     GuardedBinaryServer,
@@ -215,7 +216,7 @@ async def test_refusals_at_the_connection_limit_do_not_flap_in_the_log(caplog: p
         for port in range(3):  # a flood at the limit: refused, accepted, refused ...
             traffic.at_limit(("10.0.0.7", port), 32)
             traffic.accepted(32)
-        monkeypatch.setattr(opcua_transport, "QUIET_S", -1.0)
+        monkeypatch.setattr(log_once, "clock", lambda: time.monotonic() + opcua_transport.QUIET_S)  # a quiet minute
         traffic.accepted(5)
     assert [(r.levelname, r.getMessage().split(",")[0]) for r in caplog.records] == [
         ("WARNING", "OPC UA: connection from 10.0.0.7:0 refused"),
