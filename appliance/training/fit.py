@@ -22,6 +22,8 @@ EVAL_BATCH = 256
 class FitResult:
     best_epoch: int
     epochs_run: int
+    steps: int = 0
+    """Optimisation steps taken."""
     history: list[dict] = field(default_factory=list)
 
 
@@ -55,7 +57,10 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     rng = np.random.default_rng(recipe.seed)
     n_views, n = train_x.shape[:2]
     batch = min(recipe.batch_size, n)
-    steps = n // batch  # the ragged tail is dropped; a permutation per epoch covers it over time
+    # The ragged tail is dropped (a permutation per epoch covers it over time).  A small dataset is
+    # passed over several times per epoch, so that a run with 25 images per class gets as many
+    # optimisation steps as one with thousands (10 steps of 64 would leave the top untrained).
+    steps = max(n // batch, math.ceil(recipe.min_steps / recipe.epochs))
     total = steps * recipe.epochs
     weights = [class_weights(y_train[:, j], len(h.classes), recipe.class_balance)
                for j, h in enumerate(heads)]
@@ -73,7 +78,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     try:
         for epoch in range(1, recipe.epochs + 1):
             net.train()
-            order = rng.permutation(n)
+            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(steps * batch / n))])
             running = 0.0
             for s in range(steps):
                 idx = np.sort(order[s * batch:(s + 1) * batch])
@@ -89,6 +94,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 loss.backward()
                 optimiser.step()
                 schedule.step()
+                result.steps += 1
                 running += float(loss.detach())
                 bar.update(1)
             acc, nll = _score(logits_of(net, val_x), y_val)

@@ -31,6 +31,11 @@ class TrainRecipe(BaseModel):
         default=4, ge=1, le=500,
         description="Stop after this many epochs without a better validation score.",
     )
+    min_steps: int = Field(
+        default=250, ge=1, le=100_000,
+        description="Least optimisation steps over all epochs: a small dataset is passed over several "
+                    "times per epoch (ELPV's 1,673 training rows already make 260 steps in 10 epochs).",
+    )
     batch_size: int = Field(default=64, ge=2, le=1024, description="Samples per optimisation step.")
     lr: float = Field(default=1e-3, gt=0, le=1, description="Peak AdamW learning rate (cosine decay).")
     weight_decay: float = Field(default=1e-4, ge=0, le=1, description="AdamW weight decay.")

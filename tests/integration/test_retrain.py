@@ -37,7 +37,7 @@ def base_dataset(folder: Path) -> Path:
 async def test_retrain_includes_verified_labels(tmp_path: Path, line_config) -> None:
     write_images(tmp_path / "img")
     base = base_dataset(tmp_path / "base")
-    recipe = write_yaml(tmp_path / "recipe.yaml", {"image_size": 64, "frozen_blocks": 14, "epochs": 2,
+    recipe = write_yaml(tmp_path / "recipe.yaml", {"image_size": 64, "frozen_blocks": 14, "epochs": 2, "min_steps": 1,
                                                    "patience": 2, "batch_size": 16, "val_fraction": 0.2})
     daemon = Daemon(line_config(tmp_path / "img", review={"two_person": True},
                                 registry={"base_dataset": str(base), "holdout": str(base),

@@ -22,7 +22,7 @@ from appliance.training.train import train_model
 SIDE = 64
 PER_CLASS = 20
 HEADS = [HeadSpec(name="defect_type", classes=["none", "spot"])]
-TINY = TrainRecipe(image_size=64, frozen_blocks=13, epochs=3, patience=3, batch_size=16, lr=3e-3,
+TINY = TrainRecipe(image_size=64, frozen_blocks=13, epochs=3, patience=3, min_steps=1, batch_size=16, lr=3e-3,
                    val_fraction=0.25, flip_horizontal=True, flip_vertical=False,
                    quantize=True, max_quantization_drop=1.0, quantization_images=16)
 

@@ -28,7 +28,7 @@ HEADS = [
     HeadSpec(name="subtype", classes=list(SUBTYPES), parent="family", parent_of=SUBTYPES),
     HeadSpec(name="severity", classes=["low", "mid", "high"], ordinal=True),
 ]
-TINY = TrainRecipe(image_size=64, frozen_blocks=12, epochs=6, patience=6, batch_size=16, lr=3e-3,
+TINY = TrainRecipe(image_size=64, frozen_blocks=12, epochs=6, patience=6, min_steps=1, batch_size=16, lr=3e-3,
                    val_fraction=0.2, flip_horizontal=True, flip_vertical=False)
 
 

@@ -29,7 +29,7 @@ HEADS = [
     HeadSpec(name="defect_type", classes=["none", "scratch", "spot"]),
     HeadSpec(name="severity", classes=["minor", "major"], ordinal=True),
 ]
-TINY = TrainRecipe(image_size=64, frozen_blocks=12, epochs=8, patience=8, batch_size=16, lr=3e-3,
+TINY = TrainRecipe(image_size=64, frozen_blocks=12, epochs=8, patience=8, min_steps=1, batch_size=16, lr=3e-3,
                    val_fraction=0.2, flip_horizontal=True, flip_vertical=False)
 
 
@@ -195,3 +195,23 @@ def test_temperature_undoes_overconfidence() -> None:
     p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
     y = np.array([rng.choice(3, p=row) for row in p])
     assert fit_temperature(true_logits * 3, y) == pytest.approx(3.0, rel=0.15)
+
+
+def test_a_small_dataset_still_gets_min_steps() -> None:
+    """25 images make one batch per epoch; the recipe's min_steps passes over them several times."""
+    import torch
+
+    from appliance.training.fit import fit
+    from appliance.training.network import build
+
+    heads = [HeadSpec(name="grade", classes=["a", "b"])]
+    recipe = TrainRecipe(image_size=64, frozen_blocks=15, epochs=3, patience=3, batch_size=16, min_steps=12)
+    frozen, net = build("NHW", 64, recipe.frozen_blocks, [2], 0.0, 0.0)
+    with torch.no_grad():
+        shape = frozen(torch.zeros(1, 64, 64, dtype=torch.uint8)).shape[1:]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 25, *shape)).astype(np.float16)
+    y = (np.arange(25) % 2).reshape(25, 1)
+    result = fit(net, heads, x, y, x[0, :6], y[:6], recipe, progress=False)
+    assert result.steps == 12  # 4 per epoch instead of 25 // 16 = 1
+    assert result.epochs_run == 3
