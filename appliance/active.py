@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-CLASS_PENALTY = 0.15
-"""Score lost per earlier pick of the same predicted class."""
+CLASS_PENALTY = 0.05
+"""Score lost per earlier pick of the same predicted class.  bench/active_learning.py on ELPV (3 seeds,
+40 + 40 labels per round to 600): mean accuracy 0.7052 at 0.05, 0.7075 at 0, 0.7005 at 0.15 (the same
+as random order), 0.6993 at 0.3; a stronger penalty makes the queue pick confident cells of the
+other classes."""
 DUPLICATE_COSINE = 0.995
 """Probability vectors this similar to an earlier pick count as duplicates."""
 DUPLICATE_PENALTY = 0.5

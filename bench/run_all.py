@@ -1,6 +1,8 @@
-"""Run every benchmark, then render bench/results/README.md: one table of the figures and goals.
+"""Run every benchmark, then render bench/results/README.md: one table of the figures and goals,
+and the figures of bench/plots.py.
 
-    python -m bench.run_all                 # all of them (ELPV training takes ~10 min)
+    python -m bench.run_all                 # all of them (about 40 min: ELPV training ~6 min, the
+                                            # learning curve ~15 min, active learning ~5 min)
     python -m bench.run_all --skip elpv     # leave one out
     python -m bench.run_all --render-only   # re-render from the JSON files already there
 
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, machine
+from bench.plots import FIGURES
 
-BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "analytics", "elpv")
+BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "analytics", "elpv", "learning_curve", "active_learning")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -64,6 +67,14 @@ def rows() -> list[tuple[str, str, str, str]]:
         out += [("elpv", "4-level test accuracy", f"{p['accuracy_4level']}", "≥ 0.90 (VGG-19: 0.8842)"),
                 ("elpv", "binary accuracy / macro-F1", f"{p['binary_accuracy']} / {p.get('macro_f1')}", "–"),
                 ("elpv", "training time (2 cores)", f"{p['training_seconds']} s", "≤ 600 s")]
+    if p := load("learning_curve"):
+        out += [("learning_curve", f"4-level accuracy with {s['per_class']} labels per grade",
+                 f"{s['accuracy_4level_mean']} (min {s['accuracy_4level_min']}, {s['runs']} seeds)", "–")
+                for s in p["summary"]]
+    if p := load("active_learning"):
+        out += [("active_learning", f"labels to reach {p['target']} (median of seeds), {order} order",
+                 str(p["summary"][order]["labels_to_target_median"]), "active < random")
+                for order in ("random", "active")]
     return out
 
 
@@ -80,6 +91,7 @@ def render() -> Path:
         "|---|---|---|---|",
         *(f"| {b} | {f} | {m} | {g} |" for b, f, m, g in rows()),
         "",
+        *(f"![{fig.stem}]({fig.name})\n" for fig in (draw(load, RESULTS) for draw in FIGURES) if fig),
     ]
     path = RESULTS / "README.md"
     path.write_text("\n".join(lines))
