@@ -34,10 +34,13 @@ def learning_curve(load: Loader, out: Path) -> Path | None:
     ax.fill_between(x, [p["accuracy_4level_min"] for p in s], [p["accuracy_4level_max"] for p in s],
                     alpha=0.2, label="min–max over seeds")
     ax.plot(x, [p["accuracy_4level_mean"] for p in s], "o-", label="4-level accuracy (mean)")
-    ax.plot(x, [p["macro_f1_mean"] for p in s], "s--", label="macro-F1 (mean)")
+    ax.plot(x, [p.get("balanced_accuracy_mean") for p in s], "s--", label="balanced accuracy (mean)")
     if elpv := load("elpv"):
         ax.axhline(elpv["accuracy_4level"], color="grey", ls=":",
                    label=f"all 1,968 training cells: {elpv['accuracy_4level']:.3f}")
+        recalls = [r for r in elpv["recall"].values() if r is not None]
+        ax.axhline(sum(recalls) / len(recalls), color="grey", ls="-.",
+                   label=f"all cells, balanced: {sum(recalls) / len(recalls):.3f}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(v) for v in x])
     ax.set(xlabel="labelled training images per grade", ylabel="ELPV test split", ylim=(0.2, 1.0),

@@ -69,7 +69,8 @@ def rows() -> list[tuple[str, str, str, str]]:
                 ("elpv", "training time (2 cores)", f"{p['training_seconds']} s", "≤ 600 s")]
     if p := load("learning_curve"):
         out += [("learning_curve", f"4-level accuracy with {s['per_class']} labels per grade",
-                 f"{s['accuracy_4level_mean']} (min {s['accuracy_4level_min']}, {s['runs']} seeds)", "–")
+                 f"{s['accuracy_4level_mean']} (min {s['accuracy_4level_min']}, {s['runs']} seeds); "
+                 f"balanced {s.get('balanced_accuracy_mean')}", "–")
                 for s in p["summary"]]
     if p := load("active_learning"):
         out += [("active_learning", f"labels to reach {p['target']} (median of seeds), {order} order",
