@@ -13,7 +13,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.errors import UserError
 from appliance.yamlio import load_yaml_with_lines, validation_message
@@ -37,6 +37,26 @@ class HeadSpec(BaseModel):
         default_factory=dict,
         description="For a child head: each class name -> the parent-head class it belongs to.",
     )
+    line_frequencies: dict[str, float] = Field(
+        default_factory=dict,
+        description="How often each class occurs on the line (positive numbers, e.g. counts or "
+                    "shares from the line's history; normalised).  When given, the model's "
+                    "probabilities are moved from the training set's class mix to this one (a "
+                    "Bayes prior shift after calibration, inside the graph), so that a set labelled "
+                    "with as many images of each class does not make the line flag rare defects "
+                    "too often.  Empty: the training mix is kept.",
+    )
+
+    @model_validator(mode="after")
+    def _frequencies_cover_the_classes(self) -> HeadSpec:
+        if self.line_frequencies:
+            if set(self.line_frequencies) != set(self.classes):
+                raise ValueError(f"line_frequencies must name exactly the classes {self.classes}, "
+                                 f"not {sorted(self.line_frequencies)}")
+            if not all(v > 0 for v in self.line_frequencies.values()):
+                raise ValueError("line_frequencies must all be > 0 (a class never seen on the line "
+                                 "does not belong in the head)")
+        return self
 
 
 class DatasetSpec(BaseModel):

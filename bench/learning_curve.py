@@ -8,11 +8,16 @@ folder of those rows plus the untouched test split, trains it with the default
 with that many labels), and evaluates the 656 test cells through the line's ``Classifier``.
 
 A training set with as many cells of each grade has other class frequencies than the line (57 % of
-ELPV's test cells are grade 0, 4 % grade 2/3), so plain accuracy understates what the model
-learned; the balanced accuracy (mean recall over grades) and macro-F1 do not depend on them.
+ELPV's test cells are grade 0, 4 % grade 2/3).  By default the grade head is given the line's mix
+(``line_frequencies`` in dataset.yaml: the grade counts of the whole training split, what a plant
+knows of its defect rates), and the model's probabilities are shifted to it in the graph;
+``--no-line-mix`` keeps the subset's mix.  Each setting is kept in the results file.  Balanced
+accuracy (mean recall over grades) and macro-F1 weigh every grade alike; accuracy weighs them as
+the line does.
 
     python -m bench.learning_curve                       # 25/50/100/200 per class, seeds 0 and 1
     python -m bench.learning_curve --per-class 25 50 --seeds 0
+    python -m bench.learning_curve --no-line-mix         # without the line's class frequencies
 
 Prints a table and writes bench/results/learning_curve.json.
 """
@@ -20,6 +25,7 @@ Prints a table and writes bench/results/learning_curve.json.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections import defaultdict
@@ -27,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.dataset import Dataset, Sample, load_dataset, write_dataset
+from appliance.dataset import Dataset, HeadSpec, Sample, load_dataset, write_dataset
 from appliance.training.evaluate import evaluate_model
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
-from bench.common import machine, write_result
+from bench.common import RESULTS, machine, write_result
 from bench.elpv import DEFAULT_DATA, GRADE_HEAD, binary_accuracy, ensure_dataset
 
 
@@ -48,16 +54,26 @@ def subset(dataset: Dataset, per_class: int, seed: int) -> list[Sample]:
     return picked
 
 
-def run_point(data: Path, per_class: int, seed: int, recipe: TrainRecipe) -> dict:
+def line_mix(dataset: Dataset) -> list[HeadSpec]:
+    """The heads with the grade mix of the whole training split as the line's class frequencies
+    (what a plant knows of its own defect rates)."""
+    train = dataset.split("train")
+    return [h.model_copy(update={"line_frequencies": {c: sum(1 for s in train if s.labels.get(h.name) == c)
+                                                      for c in h.classes}})
+            if h.name == GRADE_HEAD else h for h in dataset.heads]
+
+
+def run_point(data: Path, per_class: int, seed: int, recipe: TrainRecipe, use_line_mix: bool) -> dict:
     dataset = load_dataset(data)
     train_rows = subset(dataset, per_class, seed)
+    heads = line_mix(dataset) if use_line_mix else dataset.heads
     with tempfile.TemporaryDirectory(prefix="learning-curve-") as tmp:
         root = Path(tmp) / "data"
         root.mkdir()
         (root / "images").symlink_to((data / "images").resolve(), target_is_directory=True)
         rows = [Sample(root / s.image.relative_to(data), s.labels, s.split)
                 for s in train_rows + dataset.split("test")]
-        write_dataset(root, dataset.heads, rows, name=f"ELPV {per_class}/class seed {seed}")
+        write_dataset(root, heads, rows, name=f"ELPV {per_class}/class seed {seed}")
         t0 = time.perf_counter()
         train_model(root, Path(tmp) / "model", recipe.model_copy(update={"seed": seed}), progress=False)
         seconds = time.perf_counter() - t0
@@ -96,13 +112,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ELPV dataset folder (imported if absent)")
     parser.add_argument("--per-class", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--line-mix", action=argparse.BooleanOptionalAction, default=True,
+                        help="give the grade head the line's class frequencies (dataset.yaml line_frequencies)")
     args = parser.parse_args()
+    setting = "line_mix" if args.line_mix else "training_mix"
     data = ensure_dataset(args.data)
     recipe = TrainRecipe()
     points = []
     for per_class in args.per_class:
         for seed in args.seeds:
-            point = run_point(data, per_class, seed, recipe)
+            point = run_point(data, per_class, seed, recipe, args.line_mix)
             points.append(point)
             print(f"{per_class:>4}/class seed {seed}: {point['labelled_images']:>4} images  "
                   f"4-level {point['accuracy_4level']:.4f}  macro-F1 {point['macro_f1']:.4f}  "
@@ -114,10 +133,16 @@ def main() -> None:
               f"[{s['accuracy_4level_min']:.4f}, {s['accuracy_4level_max']:.4f}]  "
               f"{s['balanced_accuracy_mean']:.4f}    {s['macro_f1_mean']:.4f}"
               f"    {s['binary_accuracy_mean']:.4f}  {s['training_seconds_mean']:.0f}")
+    previous = RESULTS / "learning_curve.json"
+    settings = json.loads(previous.read_text()).get("settings", {}) if previous.is_file() else {}
+    settings[setting] = {"machine": machine(), "summary": summary, "points": points}
     path = write_result("learning_curve", {
-        "machine": machine(), "protocol": "ELPV training split subsampled per grade; full test split (656 cells) "
-                                          "through Classifier; default TrainRecipe, its val part from the subset",
-        "recipe": recipe.model_dump(), "summary": summary, "points": points,
+        "protocol": "ELPV training split subsampled per grade; full test split (656 cells) through Classifier; "
+                    "default TrainRecipe, its val part from the subset",
+        "settings_meaning": {"training_mix": "the model keeps the subset's class mix (as many cells per grade)",
+                             "line_mix": "dataset.yaml line_frequencies = the grade mix of the whole training "
+                                         "split: probabilities shifted to the line's mix in-graph"},
+        "recipe": recipe.model_dump(), "settings": settings,
         "full_training_split": "see bench/results/elpv.json (1,968 labelled cells)",
     })
     print(f"wrote {path}")

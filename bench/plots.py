@@ -28,13 +28,15 @@ def learning_curve(load: Loader, out: Path) -> Path | None:
     lc = load("learning_curve")
     if not lc:
         return None
-    s = lc["summary"]
-    x = [p["per_class"] for p in s]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.fill_between(x, [p["accuracy_4level_min"] for p in s], [p["accuracy_4level_max"] for p in s],
-                    alpha=0.2, label="min–max over seeds")
-    ax.plot(x, [p["accuracy_4level_mean"] for p in s], "o-", label="4-level accuracy (mean)")
-    ax.plot(x, [p.get("balanced_accuracy_mean") for p in s], "s--", label="balanced accuracy (mean)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x: list[int] = []
+    for setting, run in lc["settings"].items():
+        s = run["summary"]
+        x = [p["per_class"] for p in s]
+        ax.fill_between(x, [p["accuracy_4level_min"] for p in s], [p["accuracy_4level_max"] for p in s], alpha=0.15)
+        ax.plot(x, [p["accuracy_4level_mean"] for p in s], "o-", label=f"accuracy, {setting.replace('_', ' ')}")
+        ax.plot(x, [p["balanced_accuracy_mean"] for p in s], "s--",
+                label=f"balanced accuracy, {setting.replace('_', ' ')}")
     if elpv := load("elpv"):
         ax.axhline(elpv["accuracy_4level"], color="grey", ls=":",
                    label=f"all 1,968 training cells: {elpv['accuracy_4level']:.3f}")
@@ -45,7 +47,7 @@ def learning_curve(load: Loader, out: Path) -> Path | None:
     ax.set_xticks(x, [str(v) for v in x])
     ax.set(xlabel="labelled training images per grade", ylabel="ELPV test split", ylim=(0.2, 1.0),
            title="Learning curve (default recipe, 2 CPU cores)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     return _save(fig, out / "learning_curve.png")
 
 

@@ -68,10 +68,10 @@ def rows() -> list[tuple[str, str, str, str]]:
                 ("elpv", "binary accuracy / macro-F1", f"{p['binary_accuracy']} / {p.get('macro_f1')}", "–"),
                 ("elpv", "training time (2 cores)", f"{p['training_seconds']} s", "≤ 600 s")]
     if p := load("learning_curve"):
-        out += [("learning_curve", f"4-level accuracy with {s['per_class']} labels per grade",
+        out += [("learning_curve", f"4-level accuracy with {s['per_class']} labels per grade ({setting})",
                  f"{s['accuracy_4level_mean']} (min {s['accuracy_4level_min']}, {s['runs']} seeds); "
-                 f"balanced {s.get('balanced_accuracy_mean')}", "–")
-                for s in p["summary"]]
+                 f"balanced {s['balanced_accuracy_mean']}", "–")
+                for setting, run in p["settings"].items() for s in run["summary"]]
     if p := load("active_learning"):
         out += [("active_learning", f"labels to reach {p['target']} (median of seeds), {order} order",
                  str(p["summary"][order]["labels_to_target_median"]), "active < random")

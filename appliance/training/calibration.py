@@ -1,9 +1,11 @@
-"""Temperature scaling (Guo et al. 2017): one scalar per head, fitted on held-out logits."""
+"""Calibration: temperature scaling (Guo et al. 2017), one scalar per head fitted on held-out
+logits; and the prior shift from the training set's class mix to the line's."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from appliance.training.losses import class_weights
 from appliance.training.metrics import softmax
 
 T_MIN, T_MAX = 0.25, 10.0
@@ -36,3 +38,23 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         else:
             lo = a
     return float(np.exp((lo + hi) / 2))
+
+
+def prior_shift(y: np.ndarray, classes: list[str], balance: float,
+                line_frequencies: dict[str, float]) -> np.ndarray:
+    """Per-class log-ratio ``log(line prior / training prior)`` to add to calibrated logits.
+
+    A loss weighted by ``w_c`` trains as if class c had the prior ``count_c · w_c``; adding the log
+    ratio turns calibrated probabilities for that prior into probabilities for the line's (Bayes'
+    rule; Saerens et al. 2002).  Zero (no shift) without ``line_frequencies``, and for a class
+    absent from the training rows.
+    """
+    n = len(classes)
+    if not line_frequencies:
+        return np.zeros(n)
+    counts = np.bincount(y[y >= 0], minlength=n).astype(float)
+    trained = counts * class_weights(y, n, balance).numpy()
+    trained /= trained.sum()
+    line = np.array([line_frequencies[c] for c in classes], float)
+    line /= line.sum()
+    return np.where(trained > 0, np.log(line) - np.log(np.where(trained > 0, trained, 1.0)), 0.0)

@@ -64,7 +64,10 @@ def hierarchy(heads: list) -> list[tuple[int, int, torch.Tensor]]:
 
 
 class ExportNet(nn.Module):
-    """The deployed graph: uint8 image → per-head softmax(logits / temperature).
+    """The deployed graph: uint8 image → per-head softmax(logits / temperature + prior shift).
+
+    The prior shift (zero unless the head has ``line_frequencies``) moves the calibrated
+    probabilities from the training set's class mix to the line's.
 
     A hierarchical (child) head is made consistent with its parent in the graph: its
     probabilities are restricted to the classes of the predicted parent class and renormalised
@@ -73,19 +76,23 @@ class ExportNet(nn.Module):
 
     inv_temperature: torch.Tensor
 
-    def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float],
+    def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float], shifts: list[list[float]],
                  links: list[tuple[int, int, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.frozen = frozen
         self.net = net
         self.register_buffer("inv_temperature", 1.0 / torch.tensor(temperatures, dtype=torch.float32))
+        self.shifts = nn.ParameterList(
+            nn.Parameter(torch.tensor(shift, dtype=torch.float32), requires_grad=False)
+            for shift in shifts
+        )
         self.links = [(i, j) for i, j, _ in links or []]
         for k, (_, _, allowed) in enumerate(links or []):
             self.register_buffer(f"allowed_{k}", allowed)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.net(self.frozen(image))
-        probs = [torch.softmax(z * self.inv_temperature[i], dim=1) for i, z in enumerate(logits)]
+        probs = [torch.softmax(z * self.inv_temperature[i] + self.shifts[i], dim=1) for i, z in enumerate(logits)]
         for k, (child, parent) in enumerate(self.links):
             allowed: torch.Tensor = getattr(self, f"allowed_{k}")
             top = probs[parent] >= probs[parent].max(dim=1, keepdim=True).values

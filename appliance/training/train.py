@@ -29,7 +29,7 @@ from appliance.model_package import (
     write_card,
 )
 from appliance.training.backbone import ARCHITECTURE
-from appliance.training.calibration import fit_temperature
+from appliance.training.calibration import fit_temperature, prior_shift
 from appliance.training.data import (
     Rows,
     check_trainable,
@@ -95,10 +95,12 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
     del train_x
 
     temperatures, metrics = _calibrate(dataset, rows, logits_of(net, val_x), y_val)
+    shifts = [prior_shift(y_train[:, j], h.classes, recipe.class_balance, h.line_frequencies)
+              for j, h in enumerate(heads)]
 
     mark = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    model = ExportNet(frozen, net, temperatures, hierarchy(heads)).eval()
+    model = ExportNet(frozen, net, temperatures, [s.tolist() for s in shifts], hierarchy(heads)).eval()
     onnx_path = out / ONNX_FILE
     export_onnx(model, onnx_path, layout, recipe.image_size, [output_name(h.name) for h in heads])
     max_diff = verify_onnx(model, onnx_path, _verification_batches(val_paths, load), threads)
@@ -135,6 +137,8 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
             "steps": result.steps,
             "history": result.history,
             "onnx_max_abs_diff_vs_torch": max_diff,
+            "prior_shift": {h.name: dict(zip(h.classes, np.round(shift, 4).tolist(), strict=True))
+                            for h, shift in zip(heads, shifts, strict=True) if h.line_frequencies},
             "quantization": quantization,
             "threads": threads,
         },
