@@ -19,7 +19,7 @@ from appliance.yamlio import load_yaml_with_lines, validation_message
 
 Disposition = Literal["pass", "rework", "reject", "hold"]
 DISPOSITIONS: tuple[str, ...] = ("pass", "rework", "reject", "hold")
-DUCKDB_MEMORY_LIMIT_MB = 256
+DUCKDB_MEMORY_LIMIT_MB = 1024
 DUCKDB_THREADS = 2
 
 
