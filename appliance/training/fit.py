@@ -94,7 +94,6 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                result.steps += 1
                 running += float(loss.detach())
                 bar.update(1)
             acc, nll = _score(logits_of(net, val_x), y_val)
@@ -109,5 +108,6 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 break
     finally:
         bar.close()
+    result.steps = steps * result.epochs_run  # every epoch runs all its steps
     net.load_state_dict(best_state)
     return result
