@@ -16,6 +16,13 @@ from appliance.training.progress import Progress, progress_bar
 from appliance.training.recipe import TrainRecipe
 
 EVAL_BATCH = 256
+CHANNELS_LAST = torch.channels_last
+"""Memory format for the top blocks while training: oneDNN's depthwise-conv backward is about
+2.5× faster in it on a small CPU (a whole step about 1.2×)."""
+
+
+def _batch(features: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(features.astype(np.float32)).contiguous(memory_format=CHANNELS_LAST)
 
 
 @dataclass(slots=True)
@@ -33,8 +40,7 @@ def logits_of(net: TrainNet, features: np.ndarray) -> list[np.ndarray]:
     parts: list[list[np.ndarray]] = [[] for _ in net.heads]
     with torch.no_grad():
         for start in range(0, len(features), EVAL_BATCH):
-            x = torch.from_numpy(features[start:start + EVAL_BATCH].astype(np.float32))
-            for j, z in enumerate(net(x)):
+            for j, z in enumerate(net(_batch(features[start:start + EVAL_BATCH]))):
                 parts[j].append(z.numpy())
     return [np.concatenate(p) for p in parts]
 
@@ -75,6 +81,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     best_state = copy.deepcopy(net.state_dict())
     result = FitResult(best_epoch=0, epochs_run=0)
     bar = progress_bar(total, "train", "step", progress)
+    net.to(memory_format=CHANNELS_LAST)
     try:
         for epoch in range(1, recipe.epochs + 1):
             net.train()
@@ -83,8 +90,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
             for s in range(steps):
                 idx = np.sort(order[s * batch:(s + 1) * batch])
                 view = rng.integers(0, n_views, size=len(idx))
-                x = torch.from_numpy(train_x[view, idx].astype(np.float32))
-                logits = net(x)
+                logits = net(_batch(train_x[view, idx]))
                 loss: torch.Tensor = sum(  # type: ignore[assignment]
                     head_loss(z, targets[idx, j], weights[j], heads[j].ordinal, recipe.ordinal_weight,
                               recipe.label_smoothing)
@@ -108,6 +114,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 break
     finally:
         bar.close()
+        net.to(memory_format=torch.contiguous_format)  # the exporter and callers expect the default
     result.steps = steps * result.epochs_run  # every epoch runs all its steps
     net.load_state_dict(best_state)
     return result
