@@ -81,7 +81,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     best_state = copy.deepcopy(net.state_dict())
     result = FitResult(best_epoch=0, epochs_run=0)
     bar = progress_bar(total, "train", "step", progress)
-    net.to(memory_format=CHANNELS_LAST)
+    net.to(memory_format=CHANNELS_LAST)  # type: ignore[call-overload]  # (torch stubs omit memory_format)
     try:
         for epoch in range(1, recipe.epochs + 1):
             net.train()
@@ -114,7 +114,8 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 break
     finally:
         bar.close()
-        net.to(memory_format=torch.contiguous_format)  # the exporter and callers expect the default
+        # The exporter and callers expect the default format.
+        net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     result.steps = steps * result.epochs_run  # every epoch runs all its steps
     net.load_state_dict(best_state)
     return result
