@@ -42,6 +42,10 @@ class LineMetrics:
         self.opcua_refused = Counter(
             "appliance_opcua_refused_connections", "OPC UA connections refused or closed by the server (reason: "
             "max_connections, not_activated, inbound_queue_full)", ["reason"], registry=r)
+        self.opcua_faults = Counter(
+            "appliance_opcua_service_faults", "OPC UA requests answered with a service fault (status: the "
+            "OPC UA status name, e.g. BadNodeIdUnknown, BadUserAccessDenied, BadSessionIdInvalid)", ["status"],
+            registry=r)
         self.modbus_refused = Counter(
             "appliance_modbus_refused_connections", "Modbus TCP connections refused by the server (reason: "
             "max_connections)", ["reason"], registry=r)

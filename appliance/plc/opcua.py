@@ -29,6 +29,7 @@ from appliance.config import OpcUaConfig
 from appliance.errors import UserError
 from appliance.model_package import CARD_FILE, ModelCard
 from appliance.plc.opcua_control import InputWriteService, Jobs, LineControl
+from appliance.plc.opcua_faults import ServiceFaults
 from appliance.plc.opcua_pki import Pki, default_hostnames
 from appliance.plc.opcua_query import ResultQueries
 from appliance.plc.opcua_results import Reported, ResultEncoder, ResultReadyEvent
@@ -99,6 +100,7 @@ class OpcUaEndpoint:
         self.url = f"opc.tcp://{config.host}:{config.port}"
         self.jobs = Jobs()
         self.traffic = MalformedTraffic(lambda family, kind: self.daemon.metrics.opcua_event(family, kind))
+        self.faults = ServiceFaults(lambda status: self.daemon.metrics.opcua_faults.labels(status).inc())
         self.server: Server | None = None
         self.model: LoadedModel | None = None
         self.encoder: ResultEncoder | None = None
@@ -124,6 +126,7 @@ class OpcUaEndpoint:
 
     async def _start(self) -> None:
         cfg, daemon = self.config, self.daemon
+        self.faults.install()
         accounts, generated = load_accounts(cfg)
         uri = application_uri()
         try:
@@ -238,6 +241,7 @@ class OpcUaEndpoint:
         if server is not None:
             with contextlib.suppress(Exception):  # a half-started server has half its parts
                 await server.stop()
+        self.faults.remove()
 
     # -- publishing ------------------------------------------------------------------------------
     async def publish(self, result: PartResult) -> None:

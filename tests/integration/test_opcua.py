@@ -119,6 +119,10 @@ async def _scenario(root: Path) -> dict[str, Any]:
         client["stored"] = await asyncio.to_thread(daemon.store.query, ResultFilter(limit=10))
         client["model_version"] = daemon.classifier.version if daemon.classifier else None
         client["trusted"] = sorted(p.name for p in (pki / "trusted").iterdir())
+        client["faults"] = next(e.faults.counts for e in daemon.endpoints if e.name == "opcua")
+        client["fault_metric"] = {
+            s.labels["status"]: s.value for m in daemon.metrics.registry.collect()
+            if m.name == "appliance_opcua_service_faults" for s in m.samples if s.name.endswith("_total")}
     finally:
         await daemon.stop()
     return client
@@ -133,7 +137,26 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mp.setenv("TEST_OPCUA_READER_PW", READER["password"])
         mp.delenv("APPLIANCE_OPCUA_USER", raising=False)
         mp.delenv("APPLIANCE_OPCUA_PASSWORD", raising=False)
-        return asyncio.run(_scenario(tmp_path_factory.mktemp("opcua")))
+        records = _Records()
+        logging.getLogger("asyncua").addHandler(records)
+        try:
+            result = asyncio.run(_scenario(tmp_path_factory.mktemp("opcua")))
+        finally:
+            logging.getLogger("asyncua").removeHandler(records)
+        result["log"] = records.rows
+        return result
+
+
+class _Records(logging.Handler):
+    """(logger, level, first argument, message) of every record asyncua's loggers let through."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.rows: list[tuple[str, int, Any, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        self.rows.append((record.name, record.levelno, first, record.getMessage()))
 
 
 def test_client_runs_clean(run: dict[str, Any]) -> None:
@@ -364,3 +387,16 @@ async def test_a_taken_port_fails_the_start_with_a_clear_message(
         cfg = line_config(images, opcua={"enabled": True, "port": port})
         with pytest.raises(UserError, match=f"OPC UA: cannot listen on 127.0.0.1:{port}"):
             await Daemon(cfg).start()
+
+
+
+def test_service_faults_are_counted_and_logged_as_warnings(run: dict[str, Any]) -> None:
+    """The scenario's refusals (untrusted certificate, anonymous session, None security, a reader's
+    write) are client mistakes: counted per status and logged once at WARNING, never at ERROR."""
+    expected = {"BadCertificateUntrusted", "BadIdentityTokenRejected", "BadSecurityModeRejected",
+                "BadUserAccessDenied"}
+    assert expected <= set(run["faults"]) and all(run["faults"][s] >= 1 for s in expected)
+    assert run["fault_metric"] == run["faults"]
+    asyncua = [r for r in run["log"] if r[0].startswith("asyncua.server")]
+    assert not [r for r in asyncua if r[1] >= logging.ERROR], asyncua
+    assert {r[2] for r in asyncua if "answered a client request with" in r[3]} >= expected
