@@ -21,6 +21,7 @@ Disposition = Literal["pass", "rework", "reject", "hold"]
 DISPOSITIONS: tuple[str, ...] = ("pass", "rework", "reject", "hold")
 DUCKDB_MEMORY_LIMIT_MB = 1024
 DUCKDB_THREADS = 2
+DUCKDB_MAX_SPILL_MB = 2048
 
 
 class Strict(BaseModel):
@@ -169,6 +170,12 @@ class StoreConfig(Strict):
     duckdb_threads: int = Field(
         default=DUCKDB_THREADS, ge=1, le=64,
         description="Threads DuckDB may use for a query (its default: every core, which inference needs).")
+    duckdb_max_spill_mb: int = Field(
+        default=DUCKDB_MAX_SPILL_MB, ge=0, le=1_048_576,
+        description="Most disk a DuckDB query may spill to (beside the result database) when it needs more than "
+                    "duckdb_memory_limit_mb; a query that needs more fails alone (a dashboard export, say) "
+                    "instead of filling the disk the journal and the image archive need. DuckDB's own "
+                    "default is 90 % of the free disk.")
 
 
 class ApiConfig(Strict):

@@ -173,7 +173,8 @@ class Daemon:
         self.config = config
         self.source = source or make_source(config)
         self.store = Store(config.resolve(config.store.path), config.state_dir / "journal",
-                           memory_limit_mb=config.store.duckdb_memory_limit_mb, threads=config.store.duckdb_threads)
+                           memory_limit_mb=config.store.duckdb_memory_limit_mb, threads=config.store.duckdb_threads,
+                           max_spill_mb=config.store.duckdb_max_spill_mb)
         self.archive = ImageArchive(config.resolve(config.store.archive_dir), config.store.retention)
         self.registry = ModelRegistry(config.models_dir)
         self.users = UserStore(config.state_dir / "users.json")

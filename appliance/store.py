@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from appliance.config import DUCKDB_MEMORY_LIMIT_MB, DUCKDB_THREADS
+from appliance.config import DUCKDB_MAX_SPILL_MB, DUCKDB_MEMORY_LIMIT_MB, DUCKDB_THREADS
 from appliance.errors import UserError
 from appliance.journal import Journal
 from appliance.result import PartResult, new_result_id
@@ -124,12 +124,14 @@ class ResultFilter:
 
 class Store:
     def __init__(self, db_path: Path, journal_dir: Path, ingest_interval_s: float = 0.25,
-                 memory_limit_mb: int = DUCKDB_MEMORY_LIMIT_MB, threads: int = DUCKDB_THREADS) -> None:
+                 memory_limit_mb: int = DUCKDB_MEMORY_LIMIT_MB, threads: int = DUCKDB_THREADS,
+                 max_spill_mb: int = DUCKDB_MAX_SPILL_MB) -> None:
         self.db_path = db_path
         self.journal = Journal(journal_dir)
         self.ingest_interval_s = ingest_interval_s
         self.memory_limit_mb = memory_limit_mb
         self.threads = threads
+        self.max_spill_mb = max_spill_mb
         self._con: duckdb.DuckDBPyConnection | None = None
         self._pending: list[PartResult] = []
         self._pending_lock = threading.Lock()
@@ -164,9 +166,11 @@ class Store:
         self._thread.start()
 
     def duckdb_config(self, temp_directory: Path | None = None) -> dict[str, Any]:
-        """DuckDB settings of the appliance's databases: bounded memory and threads (DuckDB's defaults,
-        80 % of the host's RAM and every core, are not for an edge PC shared with inference)."""
-        config: dict[str, Any] = {"memory_limit": f"{self.memory_limit_mb}MiB", "threads": self.threads}
+        """DuckDB settings of the appliance's databases: bounded memory, threads and spill (DuckDB's
+        defaults, 80 % of the host's RAM, every core and 90 % of the free disk, are not for an edge PC
+        shared with inference and the journal)."""
+        config: dict[str, Any] = {"memory_limit": f"{self.memory_limit_mb}MiB", "threads": self.threads,
+                                  "max_temp_directory_size": f"{self.max_spill_mb}MiB"}
         if temp_directory is not None:
             config["temp_directory"] = str(temp_directory)
         return config

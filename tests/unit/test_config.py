@@ -86,7 +86,8 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
 
 def test_duckdb_limits_default_and_bounds(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, GOOD))
-    assert (cfg.store.duckdb_memory_limit_mb, cfg.store.duckdb_threads) == (1024, 2)
+    store = cfg.store
+    assert (store.duckdb_memory_limit_mb, store.duckdb_threads, store.duckdb_max_spill_mb) == (1024, 2, 2048)
     with pytest.raises(UserError, match=r"store\.duckdb_memory_limit_mb"):
         load_config(write(tmp_path, GOOD + "store:\n  duckdb_memory_limit_mb: 16\n"))
 

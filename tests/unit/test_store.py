@@ -103,19 +103,21 @@ async def test_group_commit_acknowledges_concurrent_appends(tmp_path: Path) -> N
     store.close()
 
 
-def test_duckdb_memory_and_threads_are_bounded(tmp_path: Path) -> None:
-    """store.duckdb_memory_limit_mb / duckdb_threads reach the result database and the dashboard's
-    in-memory rollup (DuckDB's defaults: 80 % of the host's RAM, every core)."""
+def test_duckdb_memory_threads_and_spill_are_bounded(tmp_path: Path) -> None:
+    """store.duckdb_memory_limit_mb / duckdb_threads / duckdb_max_spill_mb reach the result database
+    and the dashboard's in-memory rollup (DuckDB's defaults: 80 % of the host's RAM, every core, 90 %
+    of the free disk)."""
     from appliance.analytics import Analytics, Heads
 
-    store = Store(tmp_path / "r.duckdb", tmp_path / "journal", memory_limit_mb=96, threads=1)
+    store = Store(tmp_path / "r.duckdb", tmp_path / "journal", memory_limit_mb=96, threads=1, max_spill_mb=300)
     store.open()
     analytics = Analytics(store, Heads(None, None))
     try:
-        settings = "SELECT current_setting('memory_limit'), current_setting('threads')"
+        settings = ("SELECT current_setting('memory_limit'), current_setting('threads'), "
+                    "current_setting('max_temp_directory_size')")
         with store.cursor() as cur:
-            assert cur.execute(settings).fetchone() == ("96.0 MiB", 1)
-        assert analytics._mem.execute(settings).fetchone() == ("96.0 MiB", 1)
+            assert cur.execute(settings).fetchone() == ("96.0 MiB", 1, "300.0 MiB")
+        assert analytics._mem.execute(settings).fetchone() == ("96.0 MiB", 1, "300.0 MiB")
         temp = analytics._mem.execute("SELECT current_setting('temp_directory')").fetchone()
         assert temp == (str(tmp_path / "r.duckdb.rollup.tmp"),), "spills next to the store, not into the cwd"
     finally:
