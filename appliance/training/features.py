@@ -1,4 +1,4 @@
-"""Views (flip/rotation augmentations) and the cached output of the frozen trunk.
+"""Views (flip/rotation/brightness augmentations) and the cached output of the frozen trunk.
 
 The frozen part runs through onnxruntime (several times faster than torch on a small CPU) once
 per image and view; training then only runs the top blocks on the cached maps.  Images are read
@@ -23,31 +23,35 @@ CHUNK = 32
 
 
 class View(NamedTuple):
-    """A rigid transform of the image: quarter turns, then mirrors."""
+    """A rigid transform of the image (quarter turns, then mirrors), then a gain on its pixel values."""
 
     quarter_turns: int = 0
     flip_h: bool = False
     flip_v: bool = False
+    gain: float = 1.0
 
     def apply(self, batch: np.ndarray) -> np.ndarray:
-        """Transform a batch ``N×H×W[×C]``."""
+        """Transform a uint8 batch ``N×H×W[×C]``."""
         out = np.rot90(batch, k=self.quarter_turns, axes=(1, 2)) if self.quarter_turns else batch
         if self.flip_h:
             out = out[:, :, ::-1]
         if self.flip_v:
             out = out[:, ::-1]
+        if self.gain != 1.0:
+            return np.clip(out * np.float32(self.gain), 0, 255).round().astype(np.uint8)
         return np.ascontiguousarray(out)
 
 
 def views(recipe: TrainRecipe) -> list[View]:
     """The identity first, then every combination the recipe enables (at most the 8 symmetries
-    of a square)."""
-    return [
-        View(q, h, v)
+    of a square), then all of those again at each brightness gain."""
+    rigid = [
+        (q, h, v)
         for q in ((0, 1) if recipe.rotate_90 else (0,))
         for h in ((False, True) if recipe.flip_horizontal else (False,))
         for v in ((False, True) if recipe.flip_vertical else (False,))
     ]
+    return [View(*r) for r in rigid] + [View(*r, g) for g in recipe.brightness_gains for r in rigid]
 
 
 def extract(trunk_onnx: Path, paths: Sequence[Path], load: Callable[[Path], np.ndarray],

@@ -18,6 +18,7 @@ from appliance.errors import UserError
 from appliance.model_package import read_card, sha256_file
 from appliance.training.calibration import fit_temperature
 from appliance.training.evaluate import evaluate_model
+from appliance.training.features import View, views
 from appliance.training.metrics import confusion_matrix, expected_calibration_error, macro_f1
 from appliance.training.predict import predict_images
 from appliance.training.recipe import TrainRecipe
@@ -215,3 +216,15 @@ def test_a_small_dataset_still_gets_min_steps() -> None:
     result = fit(net, heads, x, y, x[0, :6], y[:6], recipe, progress=False)
     assert result.steps == 12  # 4 per epoch instead of 25 // 16 = 1
     assert result.epochs_run == 3
+
+
+def test_views_follow_the_recipe_and_brightness_gains_clip() -> None:
+    recipe = TrainRecipe(flip_horizontal=True, flip_vertical=False, brightness_gains=[0.5, 2.0])
+    assert views(recipe) == [View(), View(flip_h=True), View(gain=0.5), View(flip_h=True, gain=0.5),
+                             View(gain=2.0), View(flip_h=True, gain=2.0)]
+    row = np.array([[[0, 100, 201]]], dtype=np.uint8)  # N×H×W = 1×1×3
+    assert View(gain=0.5).apply(row).tolist() == [[[0, 50, 100]]]  # 100.5 rounds to even
+    brighter = View(flip_h=True, gain=2.0).apply(row)
+    assert brighter.dtype == np.uint8 and brighter.tolist() == [[[255, 200, 0]]]  # mirrored, clipped
+    with pytest.raises(ValueError, match="brightness_gains"):
+        TrainRecipe(brightness_gains=[0.0])
