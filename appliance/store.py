@@ -154,7 +154,7 @@ class Store:
         self._con.execute("SET TimeZone = 'UTC'")
         self._con.execute(SCHEMA)
         self._recover()
-        # The first ingests import and plan lazily (about 0.3 s of CPU, much of it holding the GIL):
+        # The first ingests import and plan lazily (about 0.4 s of CPU, much of it holding the GIL):
         # an empty one now keeps that out of the first second of the line.
         self._insert(self._con, [])
         row = self._con.execute("SELECT coalesce(max(seq), 0) FROM results").fetchone()
