@@ -4,19 +4,23 @@ asyncua logs every service fault it answers at ERROR ("sending service fault res
 fault is the client's business, not the appliance's: a NodeId the client got wrong, a session that
 expired, a write without the right to write.  A PLC repeating one of them in its cycle would write a
 line per cycle into the journal at ERROR.  :class:`ServiceFaults` sits on asyncua's processor
-logger: the first fault of a status code (and the first again after :data:`QUIET_S` without one)
-becomes a WARNING that says how to find the rest; the repeats are dropped; every fault is counted
-(``appliance_opcua_service_faults_total{status}``).  asyncua's own ERROR line before a rejected identity
-token is dropped too: the BadIdentityTokenRejected fault that follows it says the same.
+logger and drops them; each status code is a condition of its own (:class:`Persistent`, as on the
+other PLC-port conditions): its first fault, and the first again after :data:`QUIET_S` without one,
+is logged here as a WARNING that says how to find the rest, the repeats at debug level; every fault
+is counted (``appliance_opcua_service_faults_total{status}``).  asyncua's own ERROR line before a
+rejected identity token is dropped too: the BadIdentityTokenRejected fault that follows it says the
+same.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
+from appliance.plc.log_once import Persistent
 from appliance.plc.opcua_transport import QUIET_S
+
+log = logging.getLogger(__name__)
 
 SOURCE = "asyncua.server.uaprocessor"
 """The asyncua logger that reports service faults (asyncua 2.1: ``UaProcessor.process_message``)."""
@@ -28,14 +32,14 @@ TOKEN_REJECTED = "Rejected active session UserIdentityToken not supported"
 
 
 class ServiceFaults(logging.Filter):
-    """A logging filter for :data:`SOURCE` and :data:`SESSION_SOURCE`; other records pass unchanged."""
+    """A logging filter for :data:`SOURCE` and :data:`SESSION_SOURCE`: drops the records it reports
+    itself; other records pass unchanged."""
 
-    def __init__(self, count: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, count: Callable[[str], None] | None = None) -> None:
         super().__init__()
-        self.count, self.clock = count, clock
+        self.count = count
         self.counts: dict[str, int] = {}
-        self._last: dict[str, float] = {}  # status name → time of its latest fault
+        self._conditions: dict[str, Persistent] = {}  # per status name
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == TOKEN_REJECTED:
@@ -46,16 +50,11 @@ class ServiceFaults(logging.Filter):
         self.counts[status] = self.counts.get(status, 0) + 1
         if self.count is not None:
             self.count(status)
-        now = self.clock()
-        first = now - self._last.get(status, -QUIET_S) >= QUIET_S
-        self._last[status] = now
-        if not first:
-            return False
-        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-        record.msg = ("OPC UA: answered a client request with %s (%s); further %s faults are counted in "
-                      "appliance_opcua_service_faults_total and logged again after %.0f s without one")
-        record.args = (status, text, status, QUIET_S)
-        return True
+        condition = self._conditions.setdefault(status, Persistent(log, quiet_s=QUIET_S))
+        condition.fail("OPC UA: answered a client request with %s (%s); further %s faults are logged at debug "
+                       "level and counted in appliance_opcua_service_faults_total until %.0f s pass without one",
+                       status, text, status, QUIET_S)
+        return False
 
     def install(self) -> None:
         for name in (SOURCE, SESSION_SOURCE):

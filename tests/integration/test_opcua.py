@@ -27,6 +27,7 @@ from asyncua import Client, ua
 from appliance.config import load_config
 from appliance.daemon import Daemon
 from appliance.errors import UserError
+from appliance.plc import opcua_faults
 from appliance.store import ResultFilter
 from tests.brightness_model import make_brightness_model
 from tests.conftest import DISPOSITION, free_port, write_grade_images, write_yaml
@@ -138,17 +139,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mp.delenv("APPLIANCE_OPCUA_USER", raising=False)
         mp.delenv("APPLIANCE_OPCUA_PASSWORD", raising=False)
         records = _Records()
-        logging.getLogger("asyncua").addHandler(records)
+        for name in ("asyncua", opcua_faults.__name__):
+            logging.getLogger(name).addHandler(records)
         try:
             result = asyncio.run(_scenario(tmp_path_factory.mktemp("opcua")))
         finally:
-            logging.getLogger("asyncua").removeHandler(records)
+            for name in ("asyncua", opcua_faults.__name__):
+                logging.getLogger(name).removeHandler(records)
         result["log"] = records.rows
         return result
 
 
 class _Records(logging.Handler):
-    """(logger, level, first argument, message) of every record asyncua's loggers let through."""
+    """(logger, level, first argument, message) of every record asyncua's loggers and the service-fault
+    reporter let through."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -389,7 +393,6 @@ async def test_a_taken_port_fails_the_start_with_a_clear_message(
             await Daemon(cfg).start()
 
 
-
 def test_service_faults_are_counted_and_logged_as_warnings(run: dict[str, Any]) -> None:
     """The scenario's refusals (untrusted certificate, anonymous session, None security, a reader's
     write) are client mistakes: counted per status and logged once at WARNING, never at ERROR."""
@@ -399,4 +402,5 @@ def test_service_faults_are_counted_and_logged_as_warnings(run: dict[str, Any]) 
     assert run["fault_metric"] == run["faults"]
     asyncua = [r for r in run["log"] if r[0].startswith("asyncua.server")]
     assert not [r for r in asyncua if r[1] >= logging.ERROR], asyncua
-    assert {r[2] for r in asyncua if "answered a client request with" in r[3]} >= expected
+    reported = [r for r in run["log"] if r[0] == opcua_faults.__name__]
+    assert {r[2] for r in reported if r[1] == logging.WARNING and "answered a client request with" in r[3]} >= expected

@@ -6,8 +6,11 @@ import logging
 
 import pytest
 
+from appliance.plc import log_once, opcua_faults
 from appliance.plc.opcua_faults import FAULT, SOURCE, ServiceFaults
 from appliance.plc.opcua_transport import QUIET_S
+
+REPORTER = opcua_faults.__name__
 
 
 class Clock:
@@ -19,11 +22,13 @@ class Clock:
 
 
 @pytest.fixture
-def faults(caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-def]
+def faults(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     clock, counted = Clock(), []
-    f = ServiceFaults(counted.append, clock)
+    monkeypatch.setattr(log_once, "clock", clock)
+    f = ServiceFaults(counted.append)
     f.install()
     caplog.set_level(logging.DEBUG, logger=SOURCE)
+    caplog.set_level(logging.DEBUG, logger=REPORTER)
     yield f, clock, counted, caplog
     f.remove()
 
@@ -39,9 +44,12 @@ def test_first_fault_of_a_status_is_a_warning_and_repeats_are_counted_not_logged
         fault("BadNodeIdUnknown")
         clock.now += 0.1
     fault("BadSessionIdInvalid", "The session id is not valid.")
-    records = [r for r in caplog.records if r.name == SOURCE]
+    assert not [r for r in caplog.records if r.name == SOURCE], "asyncua's ERROR lines are dropped"
+    records = [r for r in caplog.records if r.name == REPORTER and r.levelno >= logging.INFO]
     assert [(r.levelno, r.args[0]) for r in records] == [  # type: ignore[index]
         (logging.WARNING, "BadNodeIdUnknown"), (logging.WARNING, "BadSessionIdInvalid")]
+    repeats = [r for r in caplog.records if r.name == REPORTER and r.levelno == logging.DEBUG]
+    assert len(repeats) == 49
     assert "does not exist" in records[0].getMessage()
     assert "appliance_opcua_service_faults_total" in records[0].getMessage()
     assert f.counts == {"BadNodeIdUnknown": 50, "BadSessionIdInvalid": 1}
@@ -55,7 +63,7 @@ def test_a_status_is_logged_again_after_a_quiet_spell(faults) -> None:  # type: 
     fault("BadNodeIdUnknown")  # still going on: counted only
     clock.now += QUIET_S
     fault("BadNodeIdUnknown")  # quiet for QUIET_S: a new episode
-    assert len([r for r in caplog.records if r.name == SOURCE]) == 2
+    assert len([r for r in caplog.records if r.name == REPORTER and r.levelno == logging.WARNING]) == 2
     assert f.counts == {"BadNodeIdUnknown": 3}
 
 
