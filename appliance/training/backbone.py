@@ -16,6 +16,12 @@ ARCHITECTURE = "efficientnet-lite0"
 NUM_BLOCKS = 16
 FEATURES = 1280
 """Channels of the head conv output (the pooled feature vector)."""
+INPUT_MEAN = 127.0
+INPUT_STD = 128.0
+"""The pixel normalisation the weights were trained with, ``(x - 127) / 128`` on 0..255 values:
+EfficientNet-Lite uses inception-style constants for all channels (MEAN_RGB / STDDEV_RGB in
+TensorFlow's efficientnet_lite_builder.py), not ImageNet's per-channel mean and std, whose std
+(≈ 58) scales the input 2.2× beyond what the first batch norm expects."""
 BN_MOMENTUM = 0.1
 """For the trained blocks.  The checkpoint's TensorFlow-style 0.01 lets the running statistics lag
 far behind weights that change every step, so eval-mode outputs would not match training."""

@@ -12,13 +12,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from appliance.training.backbone import INPUT_MEAN, INPUT_STD
 
 
 class Preprocess(nn.Module):
     """uint8 ``N×H×W`` ("NHW", mono) or ``N×H×W×C`` ("NHWC", C = 3) of any H, W
-    → float ``N×3×size×size``: bilinear resize, ImageNet normalisation, mono replicated to RGB."""
+    → float ``N×3×size×size``: bilinear resize, the backbone's normalisation, mono replicated to RGB."""
 
     scale: torch.Tensor
     shift: torch.Tensor
@@ -27,11 +26,9 @@ class Preprocess(nn.Module):
         super().__init__()
         self.layout = layout
         self.size = size
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        # (x/255 - mean)/std == x*scale + shift
-        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("shift", -mean / std, persistent=False)
+        # (x - mean)/std == x*scale + shift
+        self.register_buffer("scale", torch.full((1, 3, 1, 1), 1.0 / INPUT_STD), persistent=False)
+        self.register_buffer("shift", torch.full((1, 3, 1, 1), -INPUT_MEAN / INPUT_STD), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.float()

@@ -13,10 +13,10 @@ class TrainRecipe(BaseModel):
     """How to train a model from a dataset; the defaults are the tuned ELPV demo recipe.
 
     ELPV (bench/elpv.py, 2 idle cores): 160 px, blocks 13-15 trained, 10 epochs, class_balance 0.3 →
-    0.765 4-level test accuracy (0.779 with seed 1: seeds and kernel order move results by about
-    1.5 points), macro-F1 0.563, 190 s; vs frozen 14 / balance 0: 0.761, macro-F1 0.488, 205 s;
-    frozen 11 / balance 0.5: 0.761, macro-F1 0.543, 1132 s under load; brightness gains 0.8/1.25:
-    0.785, 0.784, 0.768 in three runs (not a clear gain, 35-70 s more, so off by default).
+    0.768 / 0.777 / 0.768 4-level test accuracy with seeds 0 / 1 / 2 (seeds and kernel order move
+    results by about 1.5 points), macro-F1 0.550, 185 s; vs frozen 14 / balance 0: 0.761, macro-F1
+    0.488, 205 s; frozen 11 / balance 0.5: 0.761, macro-F1 0.543, 1132 s under load; brightness gains
+    0.8/1.25: 0.785, 0.784, 0.768 in three runs (not a clear gain, 35-70 s more, so off by default).
     """
 
     model_config = ConfigDict(extra="forbid")
