@@ -54,6 +54,14 @@ def views(recipe: TrainRecipe) -> list[View]:
     return [View(*r) for r in rigid] + [View(*r, g) for g in recipe.brightness_gains for r in rigid]
 
 
+def inference_views(recipe: TrainRecipe) -> list[View]:
+    """The views the deployed graph judges and averages: the identity, plus the recipe's flips
+    when ``inference_flips`` is on."""
+    if not recipe.inference_flips:
+        return [View()]
+    return [v for v in views(recipe) if v.quarter_turns == 0 and v.gain == 1.0]
+
+
 def extract(trunk_onnx: Path, paths: Sequence[Path], load: Callable[[Path], np.ndarray],
             view_list: Sequence[View], threads: int, progress: Progress, desc: str) -> np.ndarray:
     """Frozen-trunk features as float16 ``V×N×C×h×w`` (view, image, feature map)."""

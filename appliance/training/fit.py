@@ -35,14 +35,16 @@ class FitResult:
 
 
 def logits_of(net: TrainNet, features: np.ndarray) -> list[np.ndarray]:
-    """Per-head logits for ``N×C×h×w`` float16 features, in eval mode."""
+    """Per-head logits for ``V×N×C×h×w`` float16 features (V views of N images), in eval mode,
+    averaged over the views as the deployed graph averages them."""
     net.eval()
     parts: list[list[np.ndarray]] = [[] for _ in net.heads]
     with torch.no_grad():
-        for start in range(0, len(features), EVAL_BATCH):
-            for j, z in enumerate(net(_batch(features[start:start + EVAL_BATCH]))):
-                parts[j].append(z.numpy())
-    return [np.concatenate(p) for p in parts]
+        for view in features:
+            for start in range(0, len(view), EVAL_BATCH):
+                for j, z in enumerate(net(_batch(view[start:start + EVAL_BATCH]))):
+                    parts[j].append(z.numpy())
+    return [np.concatenate(p).reshape(len(features), -1, p[0].shape[1]).mean(axis=0) for p in parts]
 
 
 def _score(logits: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
@@ -59,7 +61,8 @@ def _score(logits: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
 def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.ndarray,
         val_x: np.ndarray, y_val: np.ndarray, recipe: TrainRecipe, progress: Progress) -> FitResult:
     """Train ``net`` in place on ``train_x`` (``V×N×…``: each step draws a random view per sample);
-    leaves the weights of the epoch with the best validation accuracy (ties: lower NLL)."""
+    leaves the weights of the epoch with the best validation accuracy (ties: lower NLL) on
+    ``val_x`` (``V×N×…``: the views the deployed graph averages)."""
     rng = np.random.default_rng(recipe.seed)
     n_views, n = train_x.shape[:2]
     batch = min(recipe.batch_size, n)

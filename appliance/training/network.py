@@ -6,6 +6,7 @@ the whole graph that goes into model.onnx (raw uint8 image in, calibrated probab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -63,8 +64,17 @@ def hierarchy(heads: list) -> list[tuple[int, int, torch.Tensor]]:
     return out
 
 
+def flipped(x: torch.Tensor, horizontal: bool, vertical: bool) -> torch.Tensor:
+    """``x`` (``N×C×H×W``) mirrored left-right and/or upside down."""
+    dims = [d for d, on in ((3, horizontal), (2, vertical)) if on]
+    return torch.flip(x, dims) if dims else x
+
+
 class ExportNet(nn.Module):
     """The deployed graph: uint8 image → per-head softmax(logits / temperature + prior shift).
+
+    With more than one entry in ``flips`` (``(horizontal, vertical)``, the identity first), every
+    image is judged in each of those mirror images as one batch and the logits are averaged.
 
     The prior shift (zero unless the head has ``line_frequencies``) moves the calibrated
     probabilities from the training set's class mix to the line's.
@@ -77,10 +87,12 @@ class ExportNet(nn.Module):
     inv_temperature: torch.Tensor
 
     def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float], shifts: list[list[float]],
-                 links: list[tuple[int, int, torch.Tensor]] | None = None) -> None:
+                 links: list[tuple[int, int, torch.Tensor]] | None = None,
+                 flips: Sequence[tuple[bool, bool]] = ((False, False),)) -> None:
         super().__init__()
         self.frozen = frozen
         self.net = net
+        self.flips = list(flips)
         self.register_buffer("inv_temperature", 1.0 / torch.tensor(temperatures, dtype=torch.float32))
         self.shifts = nn.ParameterList(
             nn.Parameter(torch.tensor(shift, dtype=torch.float32), requires_grad=False)
@@ -91,7 +103,12 @@ class ExportNet(nn.Module):
             self.register_buffer(f"allowed_{k}", allowed)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.net(self.frozen(image))
+        if len(self.flips) == 1:
+            logits = self.net(self.frozen(image))
+        else:
+            x = self.frozen.preprocess(image)
+            views = self.net(self.frozen.trunk(torch.cat([flipped(x, h, v) for h, v in self.flips])))
+            logits = [z.reshape(len(self.flips), -1, z.shape[1]).mean(dim=0) for z in views]
         probs = [torch.softmax(z * self.inv_temperature[i] + self.shifts[i], dim=1) for i, z in enumerate(logits)]
         for k, (child, parent) in enumerate(self.links):
             allowed: torch.Tensor = getattr(self, f"allowed_{k}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from appliance.training.backbone import NUM_BLOCKS
 
@@ -71,6 +71,12 @@ class TrainRecipe(BaseModel):
                     "0..255), e.g. [0.8, 1.25]: for lines whose lighting or sensor gain drifts.  Each gain "
                     "costs one more feature-extraction pass per view; the training steps stay the same.",
     )
+    inference_flips: bool = Field(
+        default=False,
+        description="The deployed model also judges the mirror images of every part (the flips enabled "
+                    "above) and averages the logits.  ELPV: 4-level accuracy +0.6 / +1.5 points (seeds "
+                    "1 / 0), binary +1.1, for 3-3.5× the model's latency (25-28 ms instead of 8).",
+    )
     val_fraction: float = Field(
         default=0.15, gt=0, lt=1,
         description="Share of the training rows held out (stratified) for early stopping and "
@@ -90,3 +96,10 @@ class TrainRecipe(BaseModel):
     quantization_images: int = Field(
         default=64, ge=1, le=10000, description="Training images used to calibrate int8 activations.",
     )
+
+    @field_validator("inference_flips")
+    @classmethod
+    def _flips_to_average(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not (info.data.get("flip_horizontal") or info.data.get("flip_vertical")):
+            raise ValueError("needs flip_horizontal or flip_vertical: the flips averaged are the ones trained on")
+        return value

@@ -40,7 +40,7 @@ from appliance.training.data import (
     select_rows,
 )
 from appliance.training.export import export_onnx, verify_onnx
-from appliance.training.features import View, extract, views
+from appliance.training.features import extract, inference_views, views
 from appliance.training.fit import fit, logits_of
 from appliance.training.metrics import (
     accuracy,
@@ -86,7 +86,8 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
         export_onnx(frozen, trunk_onnx, layout, recipe.image_size, ["features"])
         view_list = views(recipe)
         train_x = extract(trunk_onnx, train_paths, load, view_list, threads, progress, "features (train)")
-        val_x = extract(trunk_onnx, val_paths, load, [View()], threads, progress, "features (val)")[0]
+        judged = inference_views(recipe)
+        val_x = extract(trunk_onnx, val_paths, load, judged, threads, progress, "features (val)")
     seconds["features"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -100,7 +101,8 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
 
     mark = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    model = ExportNet(frozen, net, temperatures, [s.tolist() for s in shifts], hierarchy(heads)).eval()
+    model = ExportNet(frozen, net, temperatures, [s.tolist() for s in shifts], hierarchy(heads),
+                      [(v.flip_h, v.flip_v) for v in judged]).eval()
     onnx_path = out / ONNX_FILE
     export_onnx(model, onnx_path, layout, recipe.image_size, [output_name(h.name) for h in heads])
     max_diff = verify_onnx(model, onnx_path, _verification_batches(val_paths, load), threads)
@@ -129,7 +131,7 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
             "dataset": str(Path(data).resolve()),
             "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "counts": {"train": len(rows.train), "val": len(rows.val), "test_untouched": rows.held_out,
-                       "views": len(view_list),
+                       "views": len(view_list), "inference_views": len(judged),
                        "classes": _class_counts(heads, y_train)},
             "validation": rows.val_source,
             "best_epoch": result.best_epoch,

@@ -213,7 +213,7 @@ def test_a_small_dataset_still_gets_min_steps() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 25, *shape)).astype(np.float16)
     y = (np.arange(25) % 2).reshape(25, 1)
-    result = fit(net, heads, x, y, x[0, :6], y[:6], recipe, progress=False)
+    result = fit(net, heads, x, y, x[:, :6], y[:6], recipe, progress=False)
     assert result.steps == 12  # 4 per epoch instead of 25 // 16 = 1
     assert result.epochs_run == 3
 
