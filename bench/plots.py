@@ -33,8 +33,10 @@ def learning_curve(load: Loader, out: Path) -> Path | None:
     for setting, run in lc["settings"].items():
         s = run["summary"]
         x = [p["per_class"] for p in s]
-        ax.fill_between(x, [p["accuracy_4level_min"] for p in s], [p["accuracy_4level_max"] for p in s], alpha=0.15)
-        ax.plot(x, [p["accuracy_4level_mean"] for p in s], "o-", label=f"accuracy, {setting.replace('_', ' ')}")
+        (mean,) = ax.plot(x, [p["accuracy_4level_mean"] for p in s], "o-",
+                          label=f"accuracy, {setting.replace('_', ' ')}")
+        ax.fill_between(x, [p["accuracy_4level_min"] for p in s], [p["accuracy_4level_max"] for p in s],
+                        alpha=0.15, color=mean.get_color())  # the seeds' range, in the line's colour
         ax.plot(x, [p["balanced_accuracy_mean"] for p in s], "s--",
                 label=f"balanced accuracy, {setting.replace('_', ' ')}")
     if elpv := load("elpv"):
