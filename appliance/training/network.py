@@ -73,8 +73,8 @@ def flipped(x: torch.Tensor, horizontal: bool, vertical: bool) -> torch.Tensor:
 class ExportNet(nn.Module):
     """The deployed graph: uint8 image → per-head softmax(logits / temperature + prior shift).
 
-    With more than one entry in ``flips`` (``(horizontal, vertical)``, the identity first), every
-    image is judged in each of those mirror images as one batch and the logits are averaged.
+    Unless ``flips`` (``(horizontal, vertical)`` pairs) is the identity alone, every image is judged
+    in each of those mirror images as one batch and the logits are averaged.
 
     The prior shift (zero unless the head has ``line_frequencies``) moves the calibrated
     probabilities from the training set's class mix to the line's.
@@ -103,7 +103,7 @@ class ExportNet(nn.Module):
             self.register_buffer(f"allowed_{k}", allowed)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if len(self.flips) == 1:
+        if self.flips == [(False, False)]:
             logits = self.net(self.frozen(image))
         else:
             x = self.frozen.preprocess(image)
