@@ -1,4 +1,5 @@
-"""Dashboard analytics benchmark: every query the dashboard runs, at 10^6 stored results.
+"""Dashboard analytics benchmark: every query the dashboard runs, at 10^6 stored results
+(the review queue included).
 
 Fills a temporary DuckDB file through the real Store schema with ``--results`` realistic results
 (one line, two stations, two camera views, batches of 5,000 parts, three process values that drive
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from appliance import analytics as an
+from appliance.active import review_queue
 from appliance.store import SCHEMA, Store
 
 RESULTS = Path(__file__).parent / "results"
@@ -170,7 +172,7 @@ def timed(fn: Callable[[], Any], runs: int) -> dict[str, float]:
             "runs": runs}
 
 
-def queries(analytics: an.Analytics, last: datetime) -> dict[str, Callable[[], Any]]:
+def queries(analytics: an.Analytics, store: Store, last: datetime) -> dict[str, Callable[[], Any]]:
     shifts = an.Shifts(tz="Europe/Berlin")
     everything = an.Filters()
     day = an.Filters(since=last - timedelta(days=1))
@@ -196,6 +198,7 @@ def queries(analytics: an.Analytics, last: datetime) -> dict[str, Callable[[], A
         "control chart (p), 1 h buckets, 24 h": lambda: analytics.control(day, shifts, "1h"),
         "correlation, all": lambda: analytics.correlation(everything, shifts),
         "correlation, night shift + asset": lambda: analytics.correlation(night, shifts),
+        "review queue (rank the newest 1,000 waiting)": lambda: review_queue(store, None, 50),
         "export 24 h as CSV (download, not a dashboard query)": export_day("csv"),
         "export 24 h as Parquet (download, not a dashboard query)": export_day("parquet"),
     }
@@ -235,7 +238,7 @@ def main() -> None:
             increment = refresh_after_new_parts(store, analytics, 600, args.runs)
             line("rollup: refresh after 600 new parts (1 min at 10/s)", increment)
             report: dict[str, Any] = {}
-            for name, fn in queries(analytics, last).items():
+            for name, fn in queries(analytics, store, last).items():
                 report[name] = timed(fn, args.runs)
                 line(name, report[name])
             analytics.close()

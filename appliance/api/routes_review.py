@@ -8,11 +8,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from appliance.active import rank
+from appliance import active
 from appliance.api.deps import Engineer, Operator, daemon_of
 
 router = APIRouter(tags=["review"])
-CANDIDATE_POOL = 1000
 
 
 class LabelsIn(BaseModel):
@@ -23,11 +22,10 @@ class LabelsIn(BaseModel):
 @router.get("/review/queue")
 async def review_queue(who: Operator, request: Request,
                        limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
-    """Parts waiting for a person: held parts first, then audit samples, most informative first."""
-    daemon = daemon_of(request)
-    candidates = await asyncio.to_thread(daemon.store.review_candidates, CANDIDATE_POOL)
-    ranked = rank(candidates, daemon.config.disposition.heads, limit)
-    return {"waiting": len(candidates), "count": len(ranked), "results": ranked}
+    """Parts waiting for a person: held parts first, then audit samples, most informative first.
+    ``waiting`` counts every unlabelled part; the ranking looks at the newest ``ranked_from``."""
+    daemon = daemon_of(request)  # ranked in a worker thread: the event loop serves the PLC meanwhile
+    return await asyncio.to_thread(active.review_queue, daemon.store, daemon.config.disposition.heads, limit)
 
 
 @router.post("/results/{result_id}/labels")

@@ -155,8 +155,10 @@ card = ui.call(lambda: api.get("/model"), "read the model card")
 queue = ui.call(lambda: api.get("/review/queue", limit=QUEUE), "read the review queue")
 if card is not None and queue is not None:
     held = sum(1 for r in queue["results"] if r["review"] == "hold")
-    st.caption(f"{queue['waiting']} parts waiting · {held} held and {queue['count'] - held} audit samples "
-               f"in the top {QUEUE} · most informative first")
+    newest = (f" (ranked among the newest {queue['ranked_from']:,})"
+              if queue.get("ranked_from", queue["waiting"]) < queue["waiting"] else "")
+    st.caption(f"{queue['waiting']:,} parts waiting · {held} held and {queue['count'] - held} audit samples "
+               f"in the top {QUEUE}{newest} · most informative first")
     part = pick_part(queue["results"])
     if part is None:
         st.success("Nothing waiting for review.")

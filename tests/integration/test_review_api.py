@@ -88,7 +88,7 @@ async def test_operator_labels_held_parts_from_the_ranked_queue(tmp_path: Path, 
     finally:
         await daemon.stop()
     held = {r["result_id"] for r in queue["results"] if r["review"] == "hold"}
-    assert queue["waiting"] == 4 and len(held) == 4, "the four mid-grey parts are held"
+    assert queue["waiting"] == queue["ranked_from"] == 4 and len(held) == 4, "the four mid-grey parts are held"
     assert all(r["review"] == "hold" for r in queue["results"][:4])
     assert all("priority" in r for r in queue["results"])
     assert bad_class.status_code == 422 and "has no class '9'" in bad_class.text
