@@ -47,8 +47,9 @@ class GateVerdict:
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
-    return {head: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "recall": m["recall"]}
-            for head, m in summary["heads"].items()}
+    """What the gate decides on (accuracy, per-class recall) and what a person checks it with."""
+    keep = ("accuracy", "macro_f1", "recall", "n", "classes", "confusion")
+    return {head: {k: m[k] for k in keep} for head, m in summary["heads"].items()}
 
 
 def compare(candidate: dict[str, Any], champion: dict[str, Any], margin: float) -> list[str]:

@@ -19,7 +19,11 @@ BLUE = DISPOSITION_COLOURS["hold"]
 GREY = "#5F6368"
 
 
-def _style(chart: alt.Chart | alt.LayerChart, height: int = 300) -> alt.Chart | alt.LayerChart:
+def _style(chart: alt.Chart | alt.LayerChart, height: int = 300, rows: bool = False) -> alt.Chart | alt.LayerChart:
+    """``rows``: ``height`` is for the bands alone, the axis comes on top (Streamlit's default
+    autosize fits the axis inside ``height``, which squeezes a chart of two classes flat)."""
+    if rows:
+        chart = chart.properties(autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
     return (chart.properties(height=height)
             .configure_axis(labelFontSize=FONT, titleFontSize=FONT)
             .configure_legend(labelFontSize=FONT, titleFontSize=FONT, orient="bottom")
@@ -173,7 +177,7 @@ def probabilities(classes: list[str], probs: list[float], chosen: str) -> alt.Ch
         tooltip=["class", alt.Tooltip("p:Q", format=".1%")])
     text = chart.mark_text(align="left", dx=4, fontSize=FONT).encode(
         text=alt.Text("p:Q", format=".0%"), color=alt.value("#202124"))
-    return _style(alt.layer(chart, text), 36 * len(classes) + 20)
+    return _style(alt.layer(chart, text), 32 * len(classes), rows=True)
 
 
 def confusion(matrix: list[list[int]], classes: list[str]) -> alt.LayerChart:
@@ -185,4 +189,4 @@ def confusion(matrix: list[list[int]], classes: list[str]) -> alt.LayerChart:
     text = base.mark_text(fontSize=FONT).encode(
         text="n:Q", color=alt.condition(f"datum.n > {max(1, df['n'].max()) / 2}", alt.value("white"),
                                         alt.value("#202124")))
-    return _style(alt.layer(cells, text), 40 * len(classes) + 40)
+    return _style(alt.layer(cells, text), 40 * len(classes), rows=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import socket
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from PIL import Image
 from ruamel.yaml import YAML
 
 from appliance.config import AppConfig, load_config
-from tests.brightness_model import brightness_for, make_brightness_model
+from tests.brightness_model import GRADES, brightness_for, make_brightness_model
 
 DISPOSITION = {
     "min_confidence": 0.6,
@@ -52,6 +53,18 @@ def write_grade_images(folder: Path, grades: list[str], size: tuple[int, int] = 
         Image.fromarray(pixels).save(path)
         paths.append(path)
     return paths
+
+
+def write_holdout(folder: Path, grades: list[str] = GRADES * 3) -> Path:
+    """A labelled dataset folder (all rows in the test split) for the validation gate."""
+    paths = write_grade_images(folder / "images", grades)
+    with (folder / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "defect_grade", "cell_type", "split"])
+        for path, grade in zip(paths, grades, strict=True):
+            w.writerow([path.relative_to(folder).as_posix(), grade,
+                        "mono" if GRADES.index(grade) < 2 else "poly", "test"])
+    return folder
 
 
 @pytest.fixture

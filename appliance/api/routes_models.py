@@ -26,7 +26,9 @@ def _summary(daemon: Any, card: Any) -> dict[str, Any]:
     verdict = GateVerdict.load(daemon.registry.path(card.version))
     return {"version": card.version, "parent_version": card.parent_version, "created_at": card.created_at,
             "architecture": card.architecture, "heads": [h.name for h in card.heads],
-            "metrics": card.metrics, "serving": daemon.classifier is not None
+            "metrics": card.metrics, "training": {k: v for k, v in card.training.items() if k != "history"},
+            "onnx_sha256": card.onnx_sha256, "training_data_fingerprint": card.training_data_fingerprint,
+            "serving": daemon.classifier is not None
             and daemon.classifier.version == card.version,
             "shadow": daemon.shadow is not None and daemon.shadow.version == card.version,
             "gate": verdict.to_dict() if verdict else None}

@@ -17,25 +17,54 @@ from dashboard import charts, ui
 ENGINEER_ONLY = "needs the engineer role"
 
 
-def confusions(metrics: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
-    """Every block of the model card's metrics that carries a confusion matrix, with where it was."""
-    found: list[tuple[str, dict[str, Any]]] = []
-    if isinstance(metrics, dict):
-        if isinstance(metrics.get("confusion"), list):
-            found.append((path, metrics))
-        for key, value in metrics.items():
-            if key != "confusion":
-                found += confusions(value, f"{path}/{key}" if path else str(key))
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+
+
+def evaluations(m: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """The model's per-head metrics, by where they were measured: the card's split (written at
+    training), then the held-out test set (written by the validation gate, once it has run)."""
+    found: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    metrics = m.get("metrics") or {}
+    if isinstance(metrics.get("heads"), dict):
+        split = str(metrics.get("split") or "held-out")
+        found.append((SPLIT_NAMES.get(split, split), metrics["heads"]))
+    if m.get("gate") and m["gate"].get("candidate_metrics"):
+        found.append(("held-out test", m["gate"]["candidate_metrics"]))
     return found
 
 
-def head_scores(metrics: dict[str, Any]) -> dict[str, float]:
-    heads = metrics.get("heads") if isinstance(metrics.get("heads"), dict) else metrics
-    out = {}
-    for head, m in (heads or {}).items():
-        if isinstance(m, dict) and isinstance(m.get("accuracy"), int | float):
-            out[head] = float(m["accuracy"])
-    return out
+def recall_text(recall: dict[str, float | None] | None) -> str:
+    return " · ".join(f"{c}: {ui.pct(r, 0)}" for c, r in (recall or {}).items())
+
+
+def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for where, heads in evaluations(m):
+        for head, h in heads.items():
+            ece = (f"{h['ece_uncalibrated']:.3f} → {h['ece']:.3f}"
+                   if isinstance(h.get("ece_uncalibrated"), float) and isinstance(h.get("ece"), float) else "")
+            rows.append({"head": head, "measured on": where, "parts": h.get("n"), "accuracy": h.get("accuracy"),
+                         "macro-F1": h.get("macro_f1"), "recall per class": recall_text(h.get("recall")),
+                         "ECE before → after calibration": ece})
+    return pd.DataFrame(rows)
+
+
+def training_text(m: dict[str, Any]) -> str:
+    t = m.get("training") or {}
+    counts, seconds, recipe = t.get("counts") or {}, t.get("seconds") or {}, t.get("recipe") or {}
+    parts = []
+    if seconds.get("total") is not None:
+        parts.append(f"trained in {seconds['total']:.0f} s")
+    if counts.get("train") is not None:
+        parts.append(f"{counts['train']:,} training + {counts.get('val', 0):,} validation images"
+                     + (f" ({counts['views']} views each)" if counts.get("views") else ""))
+    if t.get("best_epoch") is not None:
+        parts.append(f"best epoch {t['best_epoch']} of {t.get('epochs_run', '?')}")
+    if recipe.get("image_size"):
+        parts.append(f"{recipe['image_size']} px")
+    if (counts.get("inference_views") or 1) > 1:
+        parts.append(f"judges {counts['inference_views']} mirror images per part")
+    return " · ".join(parts)
 
 
 def act(what: str, fn: Any) -> None:
@@ -49,17 +78,17 @@ def overview(models: dict[str, Any]) -> None:
     rows = []
     for m in models["models"]:
         gate = m.get("gate")
+        latest = (evaluations(m) or [None])[-1]  # the held-out test set once the gate has run
         rows.append({
             "version": m["version"],
             "serving": "● serving" if m["serving"] else ("shadow" if m["shadow"] else ""),
             "created": ui.when(m.get("created_at")),
             "parent": m.get("parent_version") or "",
             "gate": "—" if not gate else ("passed" if gate["passed"] else "failed"),
-            **{f"acc {h}": v for h, v in head_scores(m.get("metrics") or {}).items()},
+            **({f"acc {head}": ui.pct(h.get("accuracy")) for head, h in latest[1].items()} if latest else {}),
+            "measured on": latest[0] if latest else "—",
         })
-    df = pd.DataFrame(rows)
-    st.dataframe(df, hide_index=True, width="stretch", column_config={
-        c: st.column_config.NumberColumn(format="percent") for c in df.columns if c.startswith("acc ")})
+    st.dataframe(pd.DataFrame(rows).fillna("—"), hide_index=True, width="stretch")
 
 
 def detail(m: dict[str, Any], rollback_to: str | None) -> None:
@@ -76,19 +105,27 @@ def detail(m: dict[str, Any], rollback_to: str | None) -> None:
                 f"Validation gate {verdict} against {gate.get('champion') or 'no champion'} on "
                 f"{gate.get('holdout', '?')} (margin {gate.get('margin', 0):.0%}), {ui.when(gate.get('evaluated_at'))}"
                 + ("".join(f"\n- {r}" for r in gate.get("reasons", [])) if gate.get("reasons") else ""))
-        blocks = confusions(m.get("metrics") or {})
+        table = metrics_table(m)
+        if table.empty:
+            st.caption("This model card carries no held-out metrics.")
+        else:
+            st.dataframe(table, hide_index=True, width="stretch", column_config={
+                c: st.column_config.NumberColumn(format="percent") for c in ("accuracy", "macro-F1")})
+        blocks = [(f"{head} · {where}", h) for where, heads in evaluations(m) for head, h in heads.items()
+                  if isinstance(h.get("confusion"), list)]
         if blocks:
-            cols = st.columns(min(3, len(blocks)))
-            for col, (where, block) in zip(cols * 3, blocks, strict=False):
+            st.markdown("Confusion matrices (rows: true class, columns: predicted)")
+            cols = st.columns(min(4, len(blocks)))
+            for col, (title, block) in zip(cols * 4, blocks, strict=False):
                 classes = block.get("classes") or [str(i) for i in range(len(block["confusion"]))]
                 with col:
-                    acc = block.get("accuracy")
-                    st.markdown(f"**{where}**" + (f" · accuracy {acc:.1%}" if isinstance(acc, float) else ""))
+                    st.markdown(f"**{title}**")
                     st.altair_chart(charts.confusion(block["confusion"], classes), width="stretch")
-        elif m.get("metrics"):
-            st.json(m["metrics"], expanded=False)
-        else:
-            st.caption("This model card carries no held-out metrics.")
+        if facts := training_text(m):
+            st.caption(facts)
+        if m.get("onnx_sha256"):
+            st.caption(f"ONNX sha256 `{m['onnx_sha256'][:16]}…` (checked on every load) · training data "
+                       f"fingerprint `{(m.get('training_data_fingerprint') or '—')[:16]}…`")
         row = st.container(horizontal=True)
         if row.button("Run gate", key=f"gate_{m['version']}", disabled=not engineer,
                       help=None if engineer else ENGINEER_ONLY):

@@ -23,7 +23,7 @@ from appliance.config import load_config
 from appliance.daemon import Daemon
 from appliance.registry import ModelRegistry
 from tests.brightness_model import make_brightness_model
-from tests.conftest import DISPOSITION, write_yaml
+from tests.conftest import DISPOSITION, write_holdout, write_yaml
 
 T = TypeVar("T")
 
@@ -66,6 +66,7 @@ class Line:
             "store": {"retention": {"pass": 1.0, "min_free_mb": 0}},
             "api": {"host": "127.0.0.1", "port": 0},
             "review": {"two_person": two_person},
+            "registry": {"holdout": str(write_holdout(root / "holdout"))},
         }
         self.config = load_config(write_yaml(root / "line.yaml", config))
         self.daemon = Daemon(self.config)

@@ -148,6 +148,29 @@ def test_models_buttons_follow_the_role(line: Line, api_url: str) -> None:
     assert admin.button(key="force_brightness-v2").label == "Promote without gate"
 
 
+def test_models_page_shows_the_gates_held_out_metrics(line: Line, api_url: str) -> None:
+    eng = open_page(app(line, "engineer"), "models")
+    assert "This model card carries no held-out metrics." in texts(eng), "the test models have none yet"
+    tables, matrices = len(eng.dataframe), charts(eng)
+    eng.button(key="gate_brightness-v2").click().run()
+    assert not eng.exception
+    with line.api("engineer") as api:
+        gate = api.get("/models/brightness-v2").json()["gate"]
+    assert gate["passed"] and "Validation gate passed against brightness-v1" in texts(eng)
+    table = eng.dataframe[1].value  # brightness-v2's card, the newest first
+    assert len(eng.dataframe) == tables + 1 and charts(eng) == matrices + 2, "a table and a matrix per head"
+    assert list(table["head"]) == ["defect_grade", "cell_type"] and set(table["measured on"]) == {"held-out test"}
+    for _, row in table.iterrows():
+        measured = gate["candidate_metrics"][row["head"]]
+        assert row["accuracy"] == measured["accuracy"] and row["parts"] == measured["n"] == 12
+        first = measured["classes"][0]
+        assert row["recall per class"].split(" · ")[0] == f"{first}: {measured['recall'][first] * 100:.0f} %"
+    overview = eng.dataframe[0].value.set_index("version")
+    assert overview.loc["brightness-v2", "acc defect_grade"] == f"{table['accuracy'].iloc[0] * 100:.1f} %"
+    assert overview.loc["brightness-v1", "acc defect_grade"] == "—", "no metrics: nothing made up"
+    assert overview.loc["brightness-v2", "measured on"] == "held-out test"
+
+
 def test_audit_page_for_engineers(line: Line, api_url: str) -> None:
     with line.api("operator") as api:
         rid = api.get("/review/queue").json()["results"][0]["result_id"]

@@ -182,6 +182,14 @@ def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, d
     go(page, "Models")
     page.locator("summary", has_text="brightness-v2").click()
     assert page.get_by_role("button", name="Promote", exact=True).first.is_enabled()
+    page.get_by_role("button", name="Run gate").first.click()  # brightness-v2's, the newest first
+    page.get_by_text("Done: gate brightness-v2.").wait_for(timeout=30_000)
+    settle(page)
+    verdict = page.get_by_text("Validation gate passed against brightness-v1")
+    if not verdict.is_visible():  # the page re-ran: open the card again
+        page.locator("summary", has_text="brightness-v2").click()
+    verdict.wait_for(timeout=30_000)
+    settle(page)
     shot(page, "models", height=1400)
     go(page, "Audit")
     page.locator('[data-testid="stDataFrame"]').wait_for()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 from pathlib import Path
 
 import httpx
@@ -11,21 +10,7 @@ import httpx
 from appliance.daemon import Daemon
 from appliance.registry import ModelRegistry
 from tests.brightness_model import GRADES, make_brightness_model
-from tests.conftest import auth_headers, write_grade_images
-
-HOLDOUT_GRADES = GRADES * 3
-
-
-def holdout(folder: Path) -> Path:
-    """A dataset folder whose test split the gate evaluates on."""
-    paths = write_grade_images(folder / "images", HOLDOUT_GRADES)
-    with (folder / "labels.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "defect_grade", "cell_type", "split"])
-        for path, grade in zip(paths, HOLDOUT_GRADES, strict=True):
-            w.writerow([path.relative_to(folder).as_posix(), grade,
-                        "mono" if GRADES.index(grade) < 2 else "poly", "test"])
-    return folder
+from tests.conftest import auth_headers, write_grade_images, write_holdout
 
 
 async def running_line(tmp_path: Path, line_config, state_dir: Path) -> tuple[Daemon, ModelRegistry]:
@@ -42,7 +27,7 @@ async def running_line(tmp_path: Path, line_config, state_dir: Path) -> tuple[Da
                       # starvation on a shared 2-core test machine (bench/swap.py measures that)
                       camera={"view": "top", "source": "replay", "queue_size": 512,
                               "replay": {"path": str(images), "rate_hz": 60, "loop": True}},
-                      registry={"holdout": str(holdout(tmp_path / "holdout")), "gate_margin": 0.02})
+                      registry={"holdout": str(write_holdout(tmp_path / "holdout")), "gate_margin": 0.02})
     daemon = Daemon(cfg)
     await daemon.start()
     return daemon, registry

@@ -94,7 +94,14 @@ def test_card(package: Path, dataset: Path) -> None:
         ("defect_type", ["none", "scratch", "spot"], False), ("severity", ["minor", "major"], True)]
     assert all(0.25 <= h.temperature <= 10 for h in card.heads)
     for head in ("defect_type", "severity"):
-        assert {"accuracy", "macro_f1", "ece", "ece_uncalibrated"} <= card.metrics["heads"][head].keys()
+        m = card.metrics["heads"][head]
+        assert {"accuracy", "macro_f1", "ece", "ece_uncalibrated"} <= m.keys()
+        confusion = np.array(m["confusion"])  # the validation confusion matrix, for the dashboard
+        assert m["classes"] == card.head(head).classes and confusion.shape == (len(m["classes"]),) * 2
+        assert confusion.sum() == m["n"] and round(np.trace(confusion) / m["n"], 4) == m["accuracy"]
+        for i, cls in enumerate(m["classes"]):
+            row = confusion[i].sum()
+            assert m["recall"][cls] == (None if row == 0 else round(confusion[i, i] / row, 4))
     assert card.training["recipe"] == TINY.model_dump()
     rows = _rows(dataset)
     counts = card.training["counts"]
