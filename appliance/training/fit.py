@@ -109,7 +109,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
             result.history.append({"epoch": epoch, "train_loss": round(running / max(steps, 1), 4),
                                    "val_accuracy": round(acc, 4), "val_nll": round(nll, 4)})
             result.epochs_run = epoch
-            bar.set_postfix(epoch=epoch, val_acc=f"{acc:.3f}")
+            bar.set_postfix({"epoch": epoch, "val acc (mean of heads)": f"{acc:.3f}"})
             if (acc, -nll) > (best[0], -best[1]):
                 best, result.best_epoch = (acc, nll), epoch
                 best_state = copy.deepcopy(net.state_dict())
