@@ -134,9 +134,10 @@ def train(
     """Train a multi-head classifier by transfer learning and export the model package."""
     _user_errors(_need_training_extra)
     from appliance.training.train import TrainRecipe, train_model
+    from appliance.yamlio import load_validated
 
     def go() -> None:
-        r = _load_recipe(recipe, TrainRecipe) if recipe else None
+        r = load_validated(recipe, TrainRecipe) if recipe else None
         card = train_model(data, out, r)
         typer.echo(f"model {card.version} written to {out}")
         if register is not None:
@@ -146,18 +147,6 @@ def train(
             typer.echo(f"registered in {register / 'models'}")
 
     _user_errors(go)
-
-
-def _load_recipe(path: Path, model: Any) -> Any:
-    from pydantic import ValidationError
-
-    from appliance.yamlio import load_yaml_with_lines, validation_message
-
-    data, lines = load_yaml_with_lines(path)
-    try:
-        return model.model_validate(data or {})
-    except ValidationError as exc:
-        raise UserError(validation_message(path, exc, lines)) from exc
 
 
 @app.command()

@@ -13,10 +13,10 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from appliance.errors import UserError
-from appliance.yamlio import load_yaml_with_lines, validation_message
+from appliance.yamlio import load_validated
 
 RESERVED_COLUMNS = frozenset({"image", "split"})
 SPLITS = ("train", "val", "test")
@@ -113,11 +113,7 @@ def load_dataset(root: Path | str) -> Dataset:
 
     spec_path = root / "dataset.yaml"
     if spec_path.is_file():
-        data, lines = load_yaml_with_lines(spec_path)
-        try:
-            heads = DatasetSpec.model_validate(data).heads
-        except ValidationError as exc:
-            raise UserError(validation_message(spec_path, exc, lines)) from exc
+        heads = load_validated(spec_path, DatasetSpec).heads
         missing = [h.name for h in heads if h.name not in columns]
         if missing:
             raise UserError(f"{labels_path}: dataset.yaml names heads with no column: {', '.join(missing)}")

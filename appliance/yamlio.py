@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -73,3 +73,15 @@ def validation_message(path: Path, exc: ValidationError, lines: dict[Loc, int]) 
             msg = f"{msg} (got {err['input']!r})"
         out.append(f"{where}: {key}: {msg}")
     return "\n".join(out)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_validated(path: Path, model: type[M]) -> M:
+    """A YAML file as ``model`` (an empty file gives its defaults); errors name the key and line."""
+    data, lines = load_yaml_with_lines(path)
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        raise UserError(validation_message(path, exc, lines)) from exc

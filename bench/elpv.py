@@ -34,7 +34,7 @@ from appliance.model_package import read_card
 from appliance.training.evaluate import evaluate_model
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
-from appliance.yamlio import load_yaml_with_lines
+from appliance.yamlio import load_validated
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "var" / "datasets" / "elpv"
@@ -163,8 +163,7 @@ def main() -> None:
     ap.add_argument("--label", default=None, help="variant name recorded in the results")
     ap.add_argument("--out", type=Path, default=RESULTS / "elpv.json")
     args = ap.parse_args()
-    overrides = load_yaml_with_lines(args.recipe)[0] if args.recipe else {}
-    recipe = TrainRecipe(**(overrides or {}))
+    recipe = load_validated(args.recipe, TrainRecipe) if args.recipe else TrainRecipe()
     label = args.label or (args.recipe.stem if args.recipe else "default")
     result = run(args.data, recipe, args.package, label)
     print(table(result))

@@ -97,3 +97,15 @@ def test_opcua_connection_limits_default_and_bounds(tmp_path: Path) -> None:
     assert (cfg.opcua.max_connections, cfg.opcua.activation_timeout_s) == (32, 10)
     with pytest.raises(UserError, match=r"opcua\.activation_timeout_s"):
         load_config(write(tmp_path, GOOD + "opcua:\n  activation_timeout_s: 0\n"))
+
+
+def test_train_recipe_errors_name_the_key_and_line(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("image_size: 160\nepochz: 3\nflip_horizontal: false\nflip_vertical: false\n"
+                      "inference_flips: true\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "pkg"),
+                                      "--recipe", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert f"{recipe}:2: epochz: unknown key" in result.output
+    assert f"{recipe}:5: inference_flips:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "pkg").exists(), "nothing trained"
