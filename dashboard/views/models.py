@@ -84,7 +84,8 @@ def overview(models: dict[str, Any]) -> None:
             "serving": "● serving" if m["serving"] else ("shadow" if m["shadow"] else ""),
             "created": ui.when(m.get("created_at")),
             "parent": m.get("parent_version") or "",
-            "gate": "—" if not gate else ("passed" if gate["passed"] else "failed"),
+            "gate": "—" if not gate else "evaluated" if not gate.get("champion")
+            else "passed" if gate["passed"] else "failed",
             **({f"acc {head}": ui.pct(h.get("accuracy")) for head, h in latest[1].items()} if latest else {}),
             "measured on": latest[0] if latest else "—",
         })
@@ -99,10 +100,13 @@ def detail(m: dict[str, Any], rollback_to: str | None) -> None:
         st.caption(f"{m.get('architecture', '')} · heads: {', '.join(m.get('heads', []))} · created "
                    f"{ui.when(m.get('created_at'))} · parent {m.get('parent_version') or '—'}")
         gate = m.get("gate")
-        if gate:
+        if gate and not gate.get("champion"):
+            st.info(f"Evaluated on the held-out set {gate.get('holdout', '?')}, "
+                    f"{ui.when(gate.get('evaluated_at'))}: there was no champion to compare with.")
+        elif gate:
             verdict = "passed" if gate["passed"] else "failed"
             (st.success if gate["passed"] else st.error)(
-                f"Validation gate {verdict} against {gate.get('champion') or 'no champion'} on "
+                f"Validation gate {verdict} against {gate['champion']} on "
                 f"{gate.get('holdout', '?')} (margin {gate.get('margin', 0):.0%}), {ui.when(gate.get('evaluated_at'))}"
                 + ("".join(f"\n- {r}" for r in gate.get("reasons", [])) if gate.get("reasons") else ""))
         table = metrics_table(m)
