@@ -82,24 +82,21 @@ def rank(candidates: list[dict[str, Any]], heads: Sequence[str] | None = None,
     score[np.isneginf(score)] = FAILED_SCORE
     key_ids = np.unique(np.array(keys, dtype=object), return_inverse=True)[1] if n else np.zeros(0, int)
     # candidates whose probability vectors have the same length, stacked: duplicates are found per group
-    groups: dict[int, np.ndarray] = {}
-    for length in {len(v) for v in vectors if v is not None}:
-        members = np.array([i for i, v in enumerate(vectors) if v is not None and len(v) == length])
-        groups[length] = members
+    groups = {length: np.array([i for i, v in enumerate(vectors) if v is not None and len(v) == length])
+              for length in {len(v) for v in vectors if v is not None}}
     stacked = {length: np.stack([vectors[i] for i in members]) for length, members in groups.items()}
     norms = {length: np.linalg.norm(m, axis=1) for length, m in stacked.items()}
 
     picks_of_key = np.zeros(int(key_ids.max()) + 1 if n else 0)
     duplicate = np.zeros(n, bool)
-    waiting = np.ones(n, bool)
     tier = np.array([c.get("review") for c in candidates], dtype=object)
     picked: list[dict[str, Any]] = []
     for name in ("hold", "audit"):
-        in_tier = waiting & (tier == name)
+        in_tier = tier == name  # still to pick in this tier
         while in_tier.any() and len(picked) < limit:
             adjusted = score - CLASS_PENALTY * picks_of_key[key_ids] - DUPLICATE_PENALTY * duplicate
             best = int(np.argmax(np.where(in_tier, adjusted, -np.inf)))
-            in_tier[best] = waiting[best] = False
+            in_tier[best] = False
             candidates[best]["priority"] = round(float(adjusted[best]), 4)
             picked.append(candidates[best])
             picks_of_key[key_ids[best]] += 1

@@ -18,7 +18,7 @@ from appliance.training.metrics import (
     confusion_matrix,
     expected_calibration_error,
     macro_f1,
-    recall_per_class,
+    recall_by_class,
 )
 
 BATCH = 32
@@ -36,14 +36,12 @@ class HeadReport:
         return int(self.confusion.sum())
 
     def summary(self) -> dict:
-        recall = recall_per_class(self.confusion)
         out = {
             "accuracy": accuracy(self.confusion),
             "macro_f1": macro_f1(self.confusion),
             "ece": self.ece,
             "n": self.n,
-            "recall": {c: None if np.isnan(r) else float(r)
-                       for c, r in zip(self.classes, recall, strict=True)},
+            "recall": recall_by_class(self.confusion, self.classes),
             "confusion": self.confusion.tolist(),
             "classes": list(self.classes),
         }

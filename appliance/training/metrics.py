@@ -21,6 +21,12 @@ def recall_per_class(m: np.ndarray) -> np.ndarray:
         return np.where(support > 0, np.diag(m) / support, np.nan)
 
 
+def recall_by_class(m: np.ndarray, classes: list[str], digits: int | None = None) -> dict[str, float | None]:
+    """Recall of each named class (None for a class with no samples), for reports and cards."""
+    return {c: None if np.isnan(r) else float(r) if digits is None else round(float(r), digits)
+            for c, r in zip(classes, recall_per_class(m), strict=True)}
+
+
 def macro_f1(m: np.ndarray) -> float:
     """Mean F1 over the classes that occur (as truth or prediction)."""
     tp = np.diag(m).astype(float)

@@ -47,7 +47,7 @@ from appliance.training.metrics import (
     confusion_matrix,
     expected_calibration_error,
     macro_f1,
-    recall_per_class,
+    recall_by_class,
     softmax,
 )
 from appliance.training.network import ExportNet, build, hierarchy
@@ -170,8 +170,7 @@ def _calibrate(dataset: Dataset, rows: Rows, logits: list[np.ndarray],
             "ece": round(expected_calibration_error(softmax(z / t), y), 4),
             "n": int(known.sum()),
             "classes": list(head.classes),
-            "recall": {c: None if np.isnan(r) else round(float(r), 4)
-                       for c, r in zip(head.classes, recall_per_class(m), strict=True)},
+            "recall": recall_by_class(m, head.classes, digits=4),
             "confusion": m.tolist(),
         }
     return temperatures, {"split": "val", "source": rows.val_source, "heads": per_head}
