@@ -17,6 +17,9 @@ FONT = 15
 RED = DISPOSITION_COLOURS["reject"]
 BLUE = DISPOSITION_COLOURS["hold"]
 GREY = "#5F6368"
+TIME_AXIS = alt.Axis(format={"seconds": "%H:%M:%S", "minutes": "%H:%M", "hours": "%H:%M", "days": "%d %b",
+                             "weeks": "%d %b", "months": "%b %Y", "years": "%Y"})
+"""A 24-hour clock on every time axis (Vega's default reads '01 PM'), dates where a tick is a day."""
 
 
 def _style(chart: alt.Chart | alt.LayerChart, height: int = 300, rows: bool = False) -> alt.Chart | alt.LayerChart:
@@ -31,10 +34,13 @@ def _style(chart: alt.Chart | alt.LayerChart, height: int = 300, rows: bool = Fa
 
 
 def _frame(rows: list[dict[str, Any]], *times: str) -> pd.DataFrame:
+    """Time columns become the appliance's wall-clock time (as in every table, ``ui.when``), without
+    a zone: the browser draws a naive time as it is, so a remote viewer sees the plant's clock."""
     df = pd.DataFrame(rows)
     for column in times:
-        if column in df:
-            df[column] = pd.to_datetime(df[column], utc=True).dt.tz_convert(None)
+        if column in df:  # per value: the zone's offset changes with daylight saving time
+            df[column] = pd.to_datetime([t.to_pydatetime().astimezone().replace(tzinfo=None)
+                                         for t in pd.to_datetime(df[column], utc=True)])
     return df
 
 
@@ -55,7 +61,7 @@ def disposition_mix(mix: dict[str, int]) -> alt.Chart:
 def throughput(per_minute: list[dict[str, Any]]) -> alt.Chart:
     df = _frame(per_minute, "t")
     chart = alt.Chart(df).mark_bar(color=BLUE).encode(
-        x=alt.X("t:T", title=None, axis=alt.Axis(format="%H:%M")),
+        x=alt.X("t:T", title=None, axis=TIME_AXIS),
         y=alt.Y("parts:Q", title="parts / min"),
         tooltip=[alt.Tooltip("t:T", format="%H:%M"), "parts"])
     return _style(chart, 220)
@@ -81,7 +87,7 @@ def control(points: list[dict[str, Any]], centre: float | None) -> alt.LayerChar
     if df.empty:
         return _style(alt.layer(alt.Chart(pd.DataFrame({"t": [], "p": []})).mark_line()))
     df["state"] = df["out"].map({True: "out of control", False: "in control"})
-    base = alt.Chart(df).encode(x=alt.X("t:T", title=None))
+    base = alt.Chart(df).encode(x=alt.X("t:T", title=None, axis=TIME_AXIS))
     rate = base.mark_line(color=BLUE, strokeWidth=2).encode(
         y=alt.Y("p:Q", title="defect rate", axis=alt.Axis(format="%")))
     dots = base.mark_circle(size=90).encode(
@@ -104,7 +110,7 @@ def trend(points: list[dict[str, Any]], by: str | None) -> alt.Chart:
     if df.empty:
         df = pd.DataFrame({"t": [], "rate": [], "group": [], "n": []})
     chart = alt.Chart(df).mark_line(point=True, strokeWidth=2.5).encode(
-        x=alt.X("t:T", title=None),
+        x=alt.X("t:T", title=None, axis=TIME_AXIS),
         y=alt.Y("rate:Q", title="defect rate", axis=alt.Axis(format="%")),
         color=alt.Color("group:N", title=by or None, legend=alt.Legend(title=by) if by else None),
         tooltip=["group", alt.Tooltip("t:T", format="%Y-%m-%d %H:%M"), alt.Tooltip("rate:Q", format=".2%"),
