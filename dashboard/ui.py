@@ -31,6 +31,9 @@ CSS = """
   .status-bad { color: #D93025; font-weight: 700; }
   .big-label { font-size: 1.6rem; font-weight: 700; }
   .muted { color: #5F6368; }
+  .no-image { display: flex; align-items: center; justify-content: center; text-align: center;
+              background: #F1F3F4; border-radius: 0.5rem; color: #5F6368; font-size: 0.85rem;
+              margin-bottom: 1rem; padding: 0.3rem; }
   .alarm { background: #D93025; color: #fff; padding: 0.8rem 1rem; border-radius: 0.5rem;
            font-size: 1.15rem; font-weight: 700; }
 </style>

@@ -3,9 +3,12 @@ part of the page is redrawn (no flicker, no full rerun, filters elsewhere keep t
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
 import streamlit as st
+from PIL import Image
 
 from dashboard import charts, ui
 
@@ -26,6 +29,16 @@ def thumbnail(result_id: str) -> bytes | None:
     return cache[result_id]
 
 
+def aspect_ratio(images: list[bytes | None]) -> float:
+    """Width / height of the first archived image (the line's camera), else square."""
+    for image in images:
+        if image:
+            with contextlib.suppress(OSError):
+                width, height = Image.open(io.BytesIO(image)).size
+                return width / height
+    return 1.0
+
+
 def plc_status(health: dict[str, Any]) -> tuple[str, bool | None]:
     """The PLC links the daemon reports (OPC UA / Modbus), if its /health says anything about them."""
     plc = health.get("plc")
@@ -34,8 +47,8 @@ def plc_status(health: dict[str, Any]) -> tuple[str, bool | None]:
         for name, info in plc.items():
             up = info.get("online", info.get("running")) if isinstance(info, dict) else bool(info)
             clients = info.get("clients") if isinstance(info, dict) else None
-            parts.append(f"{name} {'up' if up else 'down'}" + (f" ({clients} clients)" if clients is not None
-                                                                else ""))
+            parts.append(f"{name} {'up' if up else 'down'}" + (
+                "" if clients is None else f" ({clients} client{'' if clients == 1 else 's'})"))
             ok = ok and bool(up)
         return ", ".join(parts), ok
     return "not reported", None
@@ -98,13 +111,15 @@ def live() -> None:
         st.info("No parts yet.")
         return
     grid = st.columns(THUMBNAILS)
-    for col, r in zip(grid, page["results"], strict=False):
+    images = [thumbnail(r["result_id"]) if r.get("image_ref") else None for r in page["results"]]
+    for col, r, image in zip(grid, page["results"], images, strict=False):
         with col:
-            image = thumbnail(r["result_id"]) if r.get("image_ref") else None
             if image:
                 st.image(image, width="stretch")
-            else:
-                st.caption("image not archived")
+            else:  # a box the size of the others, so the rows below stay aligned
+                st.markdown(f"<div class='no-image' style='aspect-ratio: {aspect_ratio(images)}'>image not kept"
+                            f"{' (passes are sampled)' if r['disposition'] == 'pass' else ''}</div>",
+                            unsafe_allow_html=True)
             head = r["predictions"][0] if r["predictions"] else None
             label = f"{head['label']} {head['confidence']:.0%}" if head else r.get("error") or ""
             st.markdown(f"{ui.badge(r['disposition'])}<br><span class='muted'>{r.get('part_id') or ''}"
