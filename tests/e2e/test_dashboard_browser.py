@@ -3,15 +3,14 @@ replay line and a fresh ``streamlit run dashboard/app.py``.
 
 An operator logs in, confirms a held part with one key (Enter), and the label is then in the store
 and in the next retraining set (a verified label); the same operator finds retrain and promote
-disabled and the API answers 403.  Screenshots of every page go to tests/artifacts/dashboard/ and
-are copied to docs/screenshots/ for the README when UPDATE_SCREENSHOTS=1.  Never downloads a
-browser: Chromium comes from Debian (scripts/system-deps.sh).
+disabled and the API answers 403.  Screenshots of every page go to tests/artifacts/dashboard/ (the
+README's come from the real demo: tests/e2e/readme_screenshots.py).  Never downloads a browser:
+Chromium comes from Debian (scripts/system-deps.sh).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,14 +22,11 @@ import pytest
 
 from tests.conftest import free_port
 from tests.dashboard.line import PASSWORDS, USERS, Line
+from tests.e2e.browser import CHROMIUM, VIEWPORT, go, launch, log_out, screenshot, settle
+from tests.e2e.browser import log_in as browser_log_in
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "tests" / "artifacts" / "dashboard"
-SCREENSHOTS = ROOT / "docs" / "screenshots"
-VIEWPORT = {"width": 1500, "height": 950}
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/system-deps.sh)")
@@ -79,7 +75,7 @@ def dashboard(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        chromium = launch(p)
         try:
             yield chromium
         finally:
@@ -87,43 +83,11 @@ def browser() -> Iterator[object]:
 
 
 def shot(page: object, name: str, height: int | None = None) -> None:
-    """Screenshot into the artefact folder; the README's copies live in docs/screenshots/."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    if height:
-        page.set_viewport_size({"width": VIEWPORT["width"], "height": height})  # type: ignore[attr-defined]
-        page.wait_for_timeout(800)  # type: ignore[attr-defined]
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path))  # type: ignore[attr-defined]
-    if height:
-        page.set_viewport_size(VIEWPORT)  # type: ignore[attr-defined]
-    if os.environ.get("UPDATE_SCREENSHOTS"):  # refresh the README's copies on request only
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, SCREENSHOTS / f"{name}.png")
-
-
-def settle(page: object) -> None:
-    """Wait until Streamlit has finished running the script (the 'Running…' widget is gone)."""
-    page.wait_for_load_state("networkidle")  # type: ignore[attr-defined]
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=30_000)  # type: ignore[attr-defined]
-    page.wait_for_timeout(700)  # type: ignore[attr-defined]
-    # a fragment that is refreshing greys out its old elements: wait for the fresh ones
-    page.wait_for_function("document.querySelectorAll('[data-stale=\"true\"]').length === 0",  # type: ignore[attr-defined]
-                           timeout=30_000)
+    screenshot(page, ARTIFACTS / f"{name}.png", height)
 
 
 def log_in(page: object, url: str, role: str) -> None:
-    page.goto(url)  # type: ignore[attr-defined]
-    page.get_by_role("textbox", name="User name").fill(USERS[role])  # type: ignore[attr-defined]
-    page.get_by_role("textbox", name="Password").fill(PASSWORDS[role])  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
-    page.get_by_role("heading", name="Live").wait_for(timeout=30_000)  # type: ignore[attr-defined]
-    settle(page)
-
-
-def go(page: object, title: str) -> None:
-    page.get_by_role("link", name=title).click()  # type: ignore[attr-defined]
-    page.get_by_role("heading", name=title).first.wait_for(timeout=30_000)  # type: ignore[attr-defined]
-    settle(page)
+    browser_log_in(page, url, USERS[role], PASSWORDS[role])
 
 
 def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, dashboard: str,
@@ -175,8 +139,7 @@ def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, d
     assert page.get_by_role("button", name="Promote", exact=True).first.is_disabled()
     assert page.get_by_role("button", name="Roll back").is_disabled()
     assert page.get_by_role("link", name="Audit").count() == 0, "operators have no Audit page"
-    page.get_by_role("button", name="Log out").click()
-    page.get_by_role("textbox", name="User name").wait_for()
+    log_out(page)
 
     log_in(page, dashboard, "engineer")
     go(page, "Models")
@@ -198,7 +161,7 @@ def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, d
     assert any(e["action"] == "label" and e["user"] == "olga" and e["target"] == part["result_id"]
                for e in entries), "the label is in the audit log the page shows"
     shot(page, "audit")
-    page.get_by_role("button", name="Log out").click()
+    log_out(page)
 
     log_in(page, dashboard, "admin")
     go(page, "Users")
