@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -58,13 +58,16 @@ def run(config: Annotated[Path, typer.Option("--config", "-c", help="Configurati
 
 
 async def _serve(cfg: AppConfig, duration: float | None = None,
-                 announce: Callable[[Any], None] | None = None) -> None:
+                 announce: Callable[[Any], None] | None = None,
+                 beside: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+    """Run the daemon; ``beside`` is started once it serves and cancelled before it stops."""
     from appliance.daemon import Daemon
     from appliance.logs import setup_logging
 
     setup_logging(cfg.logging.level, cfg.logging.format)
     daemon = Daemon(cfg)
     await daemon.start()
+    companion = asyncio.create_task(beside()) if beside is not None else None
     try:
         if announce is not None:
             announce(daemon)
@@ -75,6 +78,9 @@ async def _serve(cfg: AppConfig, duration: float | None = None,
             await asyncio.wait([stopper], timeout=duration)
             stopper.cancel()
     finally:
+        if companion is not None:
+            companion.cancel()
+            await asyncio.gather(companion, return_exceptions=True)
         await daemon.stop()
 
 
@@ -84,9 +90,14 @@ def demo(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: run "
                                                         "until Ctrl+C).")] = None,
     dashboard_port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8501,
+    simulated_plc: Annotated[bool, typer.Option(help="Run a simulated PLC that writes a lot and process "
+                                                     "values for every part over Modbus (off: drive "
+                                                     "Modbus yourself).")] = True,
 ) -> None:
     """Train the demo model from ELPV if there is none, then run the simulated line."""
     from appliance.demo import CREDENTIALS_FILE, demo_credentials, prepare_demo, start_dashboard
+    from appliance.demo_plc import SimulatedProcess, run_simulated_plc
+    from appliance.plc.modbus_map import load_register_map
 
     cfg = _user_errors(lambda: load_config(config))
     _user_errors(lambda: prepare_demo(cfg))
@@ -110,13 +121,23 @@ def demo(
         if cfg.modbus.enabled:
             typer.echo(f"  Modbus TCP {cfg.modbus.host}:{cfg.modbus.port}   unit {cfg.modbus.unit_id}, "
                        "register map: configs/modbus_map.yaml")
+        if plc is not None:
+            typer.echo(f"  PLC        simulated Modbus client: {process.describe()}")
         typer.echo(f"  metrics    {base}/api/v1/metrics")
         typer.echo(f"  database   {cfg.resolve(cfg.store.path)}  (owned by the daemon; query via the API)")
         typer.echo(f"  logins     {cfg.state_dir / CREDENTIALS_FILE}")
         typer.echo("  stop       Ctrl+C\n")
 
+    plc, process = None, SimulatedProcess()
+    if simulated_plc and cfg.modbus.enabled:
+        path = cfg.modbus.register_map
+        regmap = _user_errors(lambda: load_register_map(cfg.resolve(path) if path else None, cfg.modbus.word_order))
+
+        def plc() -> Coroutine[Any, Any, None]:
+            return run_simulated_plc(cfg.modbus.host, cfg.modbus.port, cfg.modbus.unit_id, regmap, process)
+
     try:
-        _user_errors(lambda: asyncio.run(_serve(cfg, duration, announce)))
+        _user_errors(lambda: asyncio.run(_serve(cfg, duration, announce, plc)))
     finally:
         if dashboard is not None:
             dashboard.terminate()

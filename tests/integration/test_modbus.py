@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from appliance.daemon import Daemon
+from appliance.demo_plc import SimulatedProcess, run_simulated_plc
 from appliance.plc.modbus import ModbusEndpoint
 from appliance.plc.modbus_map import MapError, load_register_map
 from appliance.plc.modbus_wire import ModbusTcpServer, answer
@@ -502,3 +503,36 @@ def test_answer_never_raises_on_random_pdus() -> None:
             rng.randint(0, 30))
         reply = answer(_Bank(), pdu)
         assert reply[0] in (pdu[0], pdu[0] | 0x80)
+
+
+# -- the demo's simulated PLC ----------------------------------------------------------------------
+
+async def test_the_demos_simulated_plc_gives_every_part_a_lot_and_its_own_readings(
+        tmp_path: Path, line_config) -> None:
+    images = tmp_path / "images"
+    write_grade_images(images, ["0", "1"] * 3)
+    port = free_port()
+    cfg = line_config(images, camera={"view": "top", "source": "replay",
+                                      "replay": {"path": str(images), "rate_hz": 20, "loop": True}},
+                      plc=PLC, modbus={"enabled": True, "port": port})
+    daemon = Daemon(cfg)
+    await daemon.start()
+    plc = asyncio.create_task(run_simulated_plc(
+        "127.0.0.1", port, cfg.modbus.unit_id, load_register_map(None, cfg.modbus.word_order),
+        SimulatedProcess(parts_per_batch=5), poll_s=0.005))
+    try:
+        await daemon.wait_for_results(daemon.stats.judged + 25, timeout=20)
+        daemon.store.flush()
+        rows = daemon.store.query(ResultFilter(limit=100))
+    finally:
+        plc.cancel()
+        await asyncio.gather(plc, return_exceptions=True)
+        await daemon.stop()
+    fed = [r for r in rows if r["process_values"]]
+    assert len(fed) >= 15, "after its first poll the PLC feeds every part"
+    lots = {r["batch"] for r in fed}
+    assert {"LOT-0001", "LOT-0002", "LOT-0003"} <= lots, lots
+    temperatures = [r["process_values"]["process_value_1"] for r in fed]
+    assert all(235 <= t <= 255 for t in temperatures)
+    assert len(set(temperatures)) > len(fed) // 2, "each part gets the reading of its own moment"
+    assert all(r["part_id"].startswith("part") for r in fed), "no part id written: the image names stay"
