@@ -132,6 +132,7 @@ def demo(
     if simulated_plc and cfg.modbus.enabled:
         path = cfg.modbus.register_map
         regmap = _user_errors(lambda: load_register_map(cfg.resolve(path) if path else None, cfg.modbus.word_order))
+        _user_errors(lambda: process.registers(regmap))  # a map it cannot drive stops the demo here
 
         def plc() -> Coroutine[Any, Any, None]:
             return run_simulated_plc(cfg.modbus.host, cfg.modbus.port, cfg.modbus.unit_id, regmap, process)

@@ -6,6 +6,9 @@ every ``parts_per_batch`` parts) and two process values for the next part: a str
 temperature and the line speed.  Both are slow random walks: simulated readings that carry no
 information about the cells, so the dashboard's correlation view honestly finds none.  It writes
 no part id, so each part keeps its ELPV file name.
+
+FC 3 and FC 16 over asyncio streams, each request bounded by a timeout: pymodbus 3.16.1's async
+client stalled here with a reply left unread in its socket (tests/integration/test_modbus.py).
 """
 
 from __future__ import annotations
@@ -13,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import struct
 from dataclasses import dataclass, field
-from typing import Any
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
-
+from appliance.errors import UserError
 from appliance.plc.modbus_map import RegisterMap
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,15 @@ class SimulatedProcess:
         """(first address, values) of one write covering the batch and the process values."""
         values: dict[str, str | float] = {"batch": self.batch, PROCESS_VALUES[0]: round(self.temperature_c, 1),
                   PROCESS_VALUES[1]: round(self.speed_m_min, 2)}
+        if missing := [name for name in values if name not in regmap.by_name]:
+            raise UserError(f"{regmap.source}: the simulated PLC needs {', '.join(missing)} "
+                            "(or run the demo with --no-simulated-plc)")
         entries = sorted((regmap[name] for name in values), key=lambda e: e.address)
         start, words = entries[0].address, list[int]()
         for e in entries:
             if e.address != start + len(words):
-                raise ValueError(f"{regmap.source}: batch and {', '.join(PROCESS_VALUES)} must be contiguous")
+                raise UserError(f"{regmap.source}: the simulated PLC writes batch and {', '.join(PROCESS_VALUES)} "
+                                "in one request, so they must be contiguous (or use --no-simulated-plc)")
             words += regmap.encode(e, values[e.name])
         return start, words
 
@@ -72,33 +77,52 @@ async def run_simulated_plc(host: str, port: int, unit: int, regmap: RegisterMap
     """Run until cancelled; reconnects on its own if the link drops (as a PLC would)."""
     process = process or SimulatedProcess()
     sequence = regmap["result_sequence"]
-    client = AsyncModbusTcpClient(host, port=port, reconnect_delay=1.0, reconnect_delay_max=10.0)
     last: int | None = None
-    try:
-        while True:
-            if not client.connected and not await client.connect():
-                await asyncio.sleep(1.0)
-                continue
-            try:
-                reply = _checked(await client.read_holding_registers(sequence.address, count=sequence.width,
-                                                                     device_id=unit))
-                seen = int(regmap.decode(sequence, reply.registers))
+    while True:
+        try:
+            link = _Link(*await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT_S), unit)
+        except (OSError, TimeoutError) as exc:
+            log.warning("simulated PLC: cannot reach %s:%d (%s)", host, port, exc)
+            await asyncio.sleep(1.0)
+            continue
+        try:
+            while True:
+                seen = int(regmap.decode(sequence, await link.read(sequence.address, sequence.width)))
                 if seen != last:  # a part was judged: the inputs were used, write the next part's
                     if last is not None:
                         process.step()
-                    start, words = process.registers(regmap)
-                    _checked(await client.write_registers(start, words, device_id=unit))
+                    await link.write(*process.registers(regmap))
                     last = seen
-            except ModbusException as exc:
-                log.warning("simulated PLC: %s", exc)
-                await asyncio.sleep(1.0)
-            await asyncio.sleep(poll_s)
-    finally:
-        client.close()
+                await asyncio.sleep(poll_s)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            log.warning("simulated PLC: %s; reconnecting", exc)
+            await asyncio.sleep(1.0)
+        finally:
+            link.writer.close()
 
 
-def _checked(reply: Any) -> Any:
-    """pymodbus returns a Modbus exception response instead of raising it."""
-    if reply.isError():
-        raise ModbusException(f"the appliance answered {reply}")
-    return reply
+TIMEOUT_S = 3.0
+
+
+class _Link:
+    """FC 3 and FC 16 over one TCP connection, one request at a time (a PLC's view of the server)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, unit: int) -> None:
+        self.reader, self.writer, self.unit, self.tid = reader, writer, unit, 0
+
+    async def _call(self, pdu: bytes) -> bytes:
+        self.tid = (self.tid + 1) & 0xFFFF
+        self.writer.write(struct.pack(">HHHB", self.tid, 0, len(pdu) + 1, self.unit) + pdu)
+        head = await asyncio.wait_for(self.reader.readexactly(7), TIMEOUT_S)
+        _tid, _proto, length, _unit = struct.unpack(">HHHB", head)
+        body = await asyncio.wait_for(self.reader.readexactly(length - 1), TIMEOUT_S)
+        if body[0] & 0x80:
+            raise ValueError(f"the appliance answered exception {body[1]:02X} to function {pdu[0]}")
+        return body
+
+    async def read(self, address: int, count: int) -> list[int]:
+        body = await self._call(struct.pack(">BHH", 3, address, count))
+        return list(struct.unpack(f">{count}H", body[2:2 + 2 * count]))
+
+    async def write(self, address: int, values: list[int]) -> None:
+        await self._call(struct.pack(f">BHHB{len(values)}H", 16, address, len(values), 2 * len(values), *values))

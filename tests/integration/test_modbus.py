@@ -111,6 +111,16 @@ def triggered_line(tmp_path: Path, line_config, grades: list[str], **modbus: Any
     return cfg, port
 
 
+def free_running_line(tmp_path: Path, line_config, rate_hz: float):
+    images = tmp_path / "images"
+    write_grade_images(images, ["0", "1"] * 3)
+    port = free_port()
+    cfg = line_config(images, camera={"view": "top", "source": "replay",
+                                      "replay": {"path": str(images), "rate_hz": rate_hz, "loop": True}},
+                      plc=PLC, modbus={"enabled": True, "port": port})
+    return cfg, port
+
+
 def endpoint(daemon: Daemon) -> ModbusEndpoint:
     ep = next(e for e in daemon.endpoints if e.name == "modbus")
     assert isinstance(ep, ModbusEndpoint)
@@ -171,12 +181,7 @@ async def test_mbpoll_triggers_a_part_and_reads_the_result_through_the_handshake
 
 
 async def test_free_running_line_takes_part_data_written_by_the_plc(tmp_path: Path, line_config) -> None:
-    images = tmp_path / "images"
-    write_grade_images(images, ["0", "1"] * 3)
-    port = free_port()
-    cfg = line_config(images, camera={"view": "top", "source": "replay",
-                                      "replay": {"path": str(images), "rate_hz": 50, "loop": True}},
-                      plc=PLC, modbus={"enabled": True, "port": port})
+    cfg, port = free_running_line(tmp_path, line_config, rate_hz=50)
     daemon = Daemon(cfg)
     await daemon.start()
     try:
@@ -509,12 +514,7 @@ def test_answer_never_raises_on_random_pdus() -> None:
 
 async def test_the_demos_simulated_plc_gives_every_part_a_lot_and_its_own_readings(
         tmp_path: Path, line_config) -> None:
-    images = tmp_path / "images"
-    write_grade_images(images, ["0", "1"] * 3)
-    port = free_port()
-    cfg = line_config(images, camera={"view": "top", "source": "replay",
-                                      "replay": {"path": str(images), "rate_hz": 20, "loop": True}},
-                      plc=PLC, modbus={"enabled": True, "port": port})
+    cfg, port = free_running_line(tmp_path, line_config, rate_hz=20)
     daemon = Daemon(cfg)
     await daemon.start()
     plc = asyncio.create_task(run_simulated_plc(

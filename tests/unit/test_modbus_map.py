@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.demo_plc import SimulatedProcess
+from appliance.errors import UserError
 from appliance.plc.modbus import RegisterImage
 from appliance.plc.modbus_map import (
     REQUIRED,
@@ -143,3 +145,14 @@ def test_the_register_image_enforces_the_access_rules() -> None:
     assert err.value.code == 2
     with pytest.raises(ModbusError):
         image.write("coil", 3, [1])
+
+
+def test_the_demos_simulated_plc_writes_its_inputs_in_one_request_or_refuses_the_map(tmp_path: Path) -> None:
+    shipped = load_register_map(None, "big")
+    start, words = SimulatedProcess().registers(shipped)
+    assert start == shipped["batch"].address and len(words) == 16 + 2 + 2
+    assert decode(shipped["batch"], words[:16]) == "LOT-0001"
+    assert decode(shipped["process_value_1"], words[16:18]) == pytest.approx(245.0)
+    apart = load_register_map(bad_map(tmp_path, replace_entry("process_value_2", address=150)), "big")
+    with pytest.raises(UserError, match="contiguous"):
+        SimulatedProcess().registers(apart)
