@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from collections.abc import Callable, Coroutine
@@ -133,9 +134,8 @@ def demo(
         path = cfg.modbus.register_map
         regmap = _user_errors(lambda: load_register_map(cfg.resolve(path) if path else None, cfg.modbus.word_order))
         _user_errors(lambda: process.registers(regmap))  # a map it cannot drive stops the demo here
-
-        def plc() -> Coroutine[Any, Any, None]:
-            return run_simulated_plc(cfg.modbus.host, cfg.modbus.port, cfg.modbus.unit_id, regmap, process)
+        plc = functools.partial(run_simulated_plc, cfg.modbus.host, cfg.modbus.port, cfg.modbus.unit_id, regmap,
+                                process)
 
     try:
         _user_errors(lambda: asyncio.run(_serve(cfg, duration, announce, plc)))

@@ -24,6 +24,8 @@ from appliance.plc.modbus_map import RegisterMap
 
 log = logging.getLogger(__name__)
 
+TIMEOUT_S = 3.0
+"""For connecting and for each answer; then the simulated PLC reconnects."""
 PROCESS_VALUES = ("process_value_1", "process_value_2")
 """The registers the simulation fills: stringer temperature (°C), line speed (m/min)."""
 
@@ -99,9 +101,6 @@ async def run_simulated_plc(host: str, port: int, unit: int, regmap: RegisterMap
             await asyncio.sleep(1.0)
         finally:
             link.writer.close()
-
-
-TIMEOUT_S = 3.0
 
 
 class _Link:

@@ -112,12 +112,13 @@ def live() -> None:
         return
     grid = st.columns(THUMBNAILS)
     images = [thumbnail(r["result_id"]) if r.get("image_ref") else None for r in page["results"]]
+    ratio = aspect_ratio(images)
     for col, r, image in zip(grid, page["results"], images, strict=False):
         with col:
             if image:
                 st.image(image, width="stretch")
             else:  # a box the size of the others, so the rows below stay aligned
-                st.markdown(f"<div class='no-image' style='aspect-ratio: {aspect_ratio(images)}'>image not kept"
+                st.markdown(f"<div class='no-image' style='aspect-ratio: {ratio}'>image not kept"
                             f"{' (passes are sampled)' if r['disposition'] == 'pass' else ''}</div>",
                             unsafe_allow_html=True)
             head = r["predictions"][0] if r["predictions"] else None

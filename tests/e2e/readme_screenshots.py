@@ -18,6 +18,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from playwright.sync_api import sync_playwright
 
@@ -34,18 +35,18 @@ def true_labels(dataset: Path) -> dict[str, dict[str, str]]:
         return {Path(row["image"]).stem: row for row in csv.DictReader(f)}
 
 
-def label_top_part(page: object, truth: dict[str, dict[str, str]]) -> None:
+def label_top_part(page: Any, truth: dict[str, dict[str, str]]) -> None:
     """Pick the true class of every head of the part on screen, then save (as a supervisor does)."""
-    part_id = page.locator("span.big-label").first.inner_text().strip()  # type: ignore[attr-defined]
+    part_id = page.locator("span.big-label").first.inner_text().strip()
     row = truth.get(part_id)
     if row is None:
         raise SystemExit(f"{part_id} is not an ELPV cell: is this the demo line?")
     for head in ("defect_grade", "cell_type"):
-        control = page.get_by_role("radiogroup", name=f"What is the {head}?")  # type: ignore[attr-defined]
+        control = page.get_by_role("radiogroup", name=f"What is the {head}?")
         control.get_by_role("radio", name=row[head], exact=True).click()
         settle(page)
-    page.get_by_role("button", name=re.compile(r"^(Confirm prediction|Save correction)")).click()  # type: ignore[attr-defined]
-    page.get_by_text(re.compile(r"^Part (confirmed|corrected):")).wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    page.get_by_role("button", name=re.compile(r"^(Confirm prediction|Save correction)")).click()
+    page.get_by_text(re.compile(r"^Part (confirmed|corrected):")).wait_for(timeout=30_000)
     settle(page)
 
 
