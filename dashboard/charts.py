@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from dashboard.ui import DISPOSITION_COLOURS, DISPOSITIONS
@@ -119,11 +120,16 @@ def trend(points: list[dict[str, Any]], by: str | None) -> alt.Chart:
 
 
 def breakdown(groups: list[dict[str, Any]], by: str, centre: float | None) -> alt.LayerChart:
-    """Defect rate per group as bars (worst red), the overall rate as a rule."""
+    """Defect rate per group as bars, the overall rate as a rule.  A bar is red when its group is
+    worse than chance explains: above the p-chart's upper limit p̄ + 3·√(p̄(1−p̄)/n) for its size."""
     df = pd.DataFrame(groups)
     if df.empty:
         df = pd.DataFrame({"group": [], "rate": [], "n": [], "defects": []})
-    df["worse"] = df["rate"] > centre + 1e-4 if centre is not None else False
+    if centre is None:
+        df["worse"] = False
+    else:
+        limit = centre + 3 * np.sqrt(centre * (1 - centre) / df["n"].clip(lower=1).astype(float))
+        df["worse"] = (df["rate"] > limit) & (df["n"] > 0)
     bars = alt.Chart(df).mark_bar().encode(
         x=alt.X("group:N", title=by, sort="-y", axis=alt.Axis(labelAngle=-30)),
         y=alt.Y("rate:Q", title="defect rate", axis=alt.Axis(format="%")),

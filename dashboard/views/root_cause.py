@@ -118,6 +118,8 @@ with right:
     if groups:
         st.altair_chart(charts.breakdown(groups["groups"], DIMENSIONS[by], control and control["centre"]),
                         width="stretch")
+        st.caption("dashed: the rate of the whole selection · red: a group worse than chance explains "
+                   "(above p̄ + 3σ for its number of parts, as on the control chart)")
 
 st.subheader("Process values")
 corr = get("/analytics/correlation", params, "read the correlations")
