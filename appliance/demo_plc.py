@@ -9,6 +9,8 @@ no part id, so each part keeps its ELPV file name.
 
 FC 3 and FC 16 over asyncio streams, each request bounded by a timeout: pymodbus 3.16.1's async
 client stalled here with a reply left unread in its socket (tests/integration/test_modbus.py).
+The bounds are ``asyncio.timeout`` blocks, not ``asyncio.wait_for``: on Python 3.11 the latter
+swallows a cancel that lands as the reply arrives (gh-86296), and the PLC would never stop.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ async def run_simulated_plc(host: str, port: int, unit: int, regmap: RegisterMap
     last: int | None = None
     while True:
         try:
-            link = _Link(*await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT_S), unit)
+            async with asyncio.timeout(TIMEOUT_S):
+                link = _Link(*await asyncio.open_connection(host, port), unit)
         except (OSError, TimeoutError) as exc:
             log.warning("simulated PLC: cannot reach %s:%d (%s)", host, port, exc)
             await asyncio.sleep(1.0)
@@ -112,9 +115,10 @@ class _Link:
     async def _call(self, pdu: bytes) -> bytes:
         self.tid = (self.tid + 1) & 0xFFFF
         self.writer.write(struct.pack(">HHHB", self.tid, 0, len(pdu) + 1, self.unit) + pdu)
-        head = await asyncio.wait_for(self.reader.readexactly(7), TIMEOUT_S)
-        _tid, _proto, length, _unit = struct.unpack(">HHHB", head)
-        body = await asyncio.wait_for(self.reader.readexactly(length - 1), TIMEOUT_S)
+        async with asyncio.timeout(TIMEOUT_S):
+            head = await self.reader.readexactly(7)
+            _tid, _proto, length, _unit = struct.unpack(">HHHB", head)
+            body = await self.reader.readexactly(length - 1)
         if body[0] & 0x80:
             raise ValueError(f"the appliance answered exception {body[1]:02X} to function {pdu[0]}")
         return body
