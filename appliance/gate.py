@@ -47,8 +47,9 @@ class GateVerdict:
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
-    """What the gate decides on (accuracy, per-class recall) and what a person checks it with."""
-    keep = ("accuracy", "macro_f1", "recall", "n", "classes", "confusion")
+    """What the gate decides on (accuracy, per-class recall) and what a person checks it with,
+    including the hold curve an engineer sets ``disposition.min_confidence`` from."""
+    keep = ("accuracy", "macro_f1", "recall", "n", "classes", "confusion", "hold_curve")
     return {head: {k: m[k] for k in keep} for head, m in summary["heads"].items()}
 
 

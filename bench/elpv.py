@@ -31,7 +31,7 @@ from appliance.datasets.elpv import import_elpv
 from appliance.imageio import read_image
 from appliance.inference import Classifier
 from appliance.model_package import read_card
-from appliance.training.evaluate import evaluate_model
+from appliance.training.evaluate import HeadReport, evaluate_model
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
 from appliance.yamlio import load_validated
@@ -45,6 +45,8 @@ LATENCY_RUNS = 300
 LATENCY_WARMUP = 20
 GOAL_ACCURACY = 0.90
 GOAL_SECONDS = 600.0
+HELD_SHARES = (0.1, 0.2, 0.3)
+"""Selective accuracy: the 4-level accuracy on the parts left when the least confident share is held."""
 
 
 def ensure_dataset(data: Path) -> Path:
@@ -59,6 +61,17 @@ def binary_accuracy(confusion: np.ndarray, classes: list[str]) -> float:
     m = np.asarray(confusion)
     correct = m[np.ix_(~bad, ~bad)].sum() + m[np.ix_(bad, bad)].sum()
     return float(correct / max(m.sum(), 1))
+
+
+def accuracy_when_holding(head: HeadReport) -> dict[str, float]:
+    """4-level accuracy of the parts the line would still decide if it held the least confident
+    ``HELD_SHARES`` for review (what ``disposition.min_confidence`` does on the line)."""
+    order = np.argsort(-head.confidence, kind="stable")
+    out = {}
+    for share in HELD_SHARES:
+        decided = order[:len(order) - round(share * len(order))]
+        out[f"{share:.0%}"] = round(float(head.correct[decided].mean()), 4)
+    return out
 
 
 def latency(package: Path, data: Path, runs: int = LATENCY_RUNS) -> dict[str, float]:
@@ -86,7 +99,8 @@ def run(data: Path, recipe: TrainRecipe, package: Path | None, label: str) -> di
         t0 = time.perf_counter()
         card = train_model(data, out, recipe, progress=os.isatty(2))
         train_seconds = time.perf_counter() - t0
-        report = evaluate_model(out, data, split="test").summary()["heads"]
+        evaluation = evaluate_model(out, data, split="test")
+        report = evaluation.summary()["heads"]
         lat = latency(out, data)
         card = read_card(out)
     g = report[GRADE_HEAD]
@@ -108,6 +122,8 @@ def run(data: Path, recipe: TrainRecipe, package: Path | None, label: str) -> di
         "classes": classes,
         "mean_abs_grade_error": round(g.get("mean_abs_grade_error", float("nan")), 4),
         "ece_test": round(g["ece"], 4),
+        "accuracy_4level_when_holding": accuracy_when_holding(evaluation.heads[GRADE_HEAD]),
+        "hold_curve": g["hold_curve"],
         "ece_val_uncalibrated": val.get("ece_uncalibrated"),
         "ece_val_calibrated": val.get("ece"),
         "temperature": card.head(GRADE_HEAD).temperature,
@@ -133,6 +149,8 @@ def table(r: dict) -> str:
         f"  macro-F1           {r['macro_f1']:.4f}",
         f"  recall per grade   {rec}",
         f"  binary accuracy    {r['binary_accuracy']:.4f}   (defective = grade ≥ 1/2)",
+        "  4-level accuracy of the parts decided when the least confident are held: "
+        + ", ".join(f"{share} held {acc:.4f}" for share, acc in r["accuracy_4level_when_holding"].items()),
         f"  ECE val before/after calibration  {r['ece_val_uncalibrated']} / {r['ece_val_calibrated']}"
         f"   (test {r['ece_test']:.4f}, T={r['temperature']:.3f})",
         f"  training seconds   {r['training_seconds']:.1f}   (goal ≤ {GOAL_SECONDS:.0f}) "

@@ -66,6 +66,9 @@ def rows() -> list[tuple[str, str, str, str]]:
     if p := load("elpv"):
         out += [("elpv", "4-level test accuracy", f"{p['accuracy_4level']}", "≥ 0.90 (VGG-19: 0.8842)"),
                 ("elpv", "binary accuracy / macro-F1", f"{p['binary_accuracy']} / {p.get('macro_f1')}", "–"),
+                *([("elpv", "4-level accuracy of the parts decided, least confident 10/20/30 % held",
+                    " / ".join(str(v) for v in held.values()), "–")]
+                  if (held := p.get("accuracy_4level_when_holding")) else []),
                 ("elpv", "training time (2 cores)", f"{p['training_seconds']} s", "≤ 600 s")]
     if p := load("learning_curve"):
         out += [("learning_curve", f"4-level accuracy with {s['per_class']} labels per grade ({setting})",

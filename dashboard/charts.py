@@ -192,6 +192,25 @@ def probabilities(classes: list[str], probs: list[float], chosen: str) -> alt.Ch
     return _style(alt.layer(chart, text), 32 * len(classes), rows=True)
 
 
+def hold_curve(curve: dict[str, list[Any]], setting: float, classes: int) -> alt.LayerChart:
+    """Per ``min_confidence``: the share of parts held and the accuracy on the parts decided, with the
+    line's setting as a rule.  Thresholds below 1/classes hold nothing, so the axis starts there."""
+    start = int(100 / classes) / 100
+    rows = [{"min confidence": t, "what": what, "share": v}
+            for t, held, acc in zip(curve["threshold"], curve["held"], curve["accuracy"], strict=True) if t >= start
+            for what, v in (("parts held", held), ("accuracy of the parts decided", acc)) if v is not None]
+    df = pd.DataFrame(rows or {"min confidence": [], "what": [], "share": []})
+    x = alt.X("min confidence:Q", scale=alt.Scale(domain=[start, 1]))
+    lines = alt.Chart(df).mark_line(strokeWidth=3).encode(
+        x=x, y=alt.Y("share:Q", title=None, axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("what:N", scale=alt.Scale(domain=["parts held", "accuracy of the parts decided"],
+                                                   range=[BLUE, GREY]), legend=alt.Legend(title=None)),
+        tooltip=[alt.Tooltip("min confidence:Q", format=".2f"), "what", alt.Tooltip("share:Q", format=".1%")])
+    rule = alt.Chart(pd.DataFrame({"min confidence": [setting]})).mark_rule(
+        color="#202124", strokeDash=[6, 4], strokeWidth=2).encode(x="min confidence:Q")
+    return _style(alt.layer(lines, rule), 260)
+
+
 def confusion(matrix: list[list[int]], classes: list[str]) -> alt.LayerChart:
     rows = [{"truth": t, "predicted": p, "n": matrix[i][j]}
             for i, t in enumerate(classes) for j, p in enumerate(classes)]

@@ -38,7 +38,10 @@ def _summary(daemon: Any, card: Any) -> dict[str, Any]:
 async def list_models(who: Operator, request: Request) -> dict[str, Any]:
     daemon = daemon_of(request)
     cards = await asyncio.to_thread(daemon.registry.versions)
+    policy = daemon.config.disposition
     return {"champion": daemon.registry.champion(), "rollback_to": daemon.registry.rollback_target(),
+            "hold_policy": {"min_confidence": policy.min_confidence, "heads": policy.heads,
+                            "class_min_confidence": policy.class_min_confidence},
             "models": [_summary(daemon, c) for c in reversed(cards)]}
 
 

@@ -17,11 +17,14 @@ from appliance.training.metrics import (
     accuracy,
     confusion_matrix,
     expected_calibration_error,
+    hold_curve,
     macro_f1,
     recall_by_class,
 )
 
 BATCH = 32
+TEXT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+"""The rows of the hold curve the text report prints (the JSON has every 0.01)."""
 
 
 @dataclass(slots=True)
@@ -30,6 +33,10 @@ class HeadReport:
     ordinal: bool
     confusion: np.ndarray
     ece: float
+    confidence: np.ndarray
+    """Per part: the (calibrated) confidence of the predicted class."""
+    correct: np.ndarray
+    """Per part: whether the predicted class is the true one."""
 
     @property
     def n(self) -> int:
@@ -44,6 +51,7 @@ class HeadReport:
             "recall": recall_by_class(self.confusion, self.classes),
             "confusion": self.confusion.tolist(),
             "classes": list(self.classes),
+            "hold_curve": hold_curve(self.confidence, self.correct),
         }
         if self.ordinal:  # mean distance in grades between truth and prediction
             k = np.arange(len(self.classes))
@@ -81,6 +89,13 @@ class EvalReport:
                 r = s["recall"][c]
                 cells = "".join(f"{v:>{width}}" for v in head.confusion[i])
                 lines.append(f"  {c:<{label}}{cells}" + (f"{r:8.3f}" if r is not None else "       -"))
+            curve = s["hold_curve"]
+            lines.append("  min_confidence  held  accuracy of the parts decided")
+            for threshold in TEXT_THRESHOLDS:
+                i = curve["threshold"].index(threshold)
+                decided = curve["accuracy"][i]
+                lines.append(f"  {threshold:>14.2f} {curve['held'][i]:>5.0%}  "
+                             + ("-" if decided is None else f"{decided:.1%}"))
         return "\n".join(lines)
 
 
@@ -136,9 +151,11 @@ def evaluate_model(model: Path, data: Path, split: str | None = None) -> EvalRep
     for head in heads:
         y = np.array(truth[head.name], dtype=np.int64)
         p = np.array(probs[head.name], dtype=np.float64).reshape(len(y), len(head.classes))
+        predicted = p.argmax(axis=1)
         report.heads[head.name] = HeadReport(
             classes=list(head.classes), ordinal=head.ordinal,
-            confusion=confusion_matrix(y, p.argmax(axis=1), len(head.classes)),
+            confusion=confusion_matrix(y, predicted, len(head.classes)),
             ece=expected_calibration_error(p, y),
+            confidence=p.max(axis=1), correct=predicted == y,
         )
     return report

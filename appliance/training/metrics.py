@@ -60,3 +60,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+HOLD_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(100))
+"""The ``min_confidence`` settings a hold curve is worked out for: 0.00, 0.01 … 0.99."""
+
+
+def hold_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str, list]:
+    """What each ``min_confidence`` would do on these parts: the share held (confidence below it)
+    and the accuracy on the parts still decided automatically (None once every part is held)."""
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=bool)
+    held, decided_accuracy = [], []
+    for threshold in HOLD_THRESHOLDS:
+        decided = confidence >= threshold
+        held.append(round(1.0 - float(decided.mean()), 4) if len(decided) else 0.0)
+        decided_accuracy.append(round(float(correct[decided].mean()), 4) if decided.any() else None)
+    return {"threshold": list(HOLD_THRESHOLDS), "held": held, "accuracy": decided_accuracy}

@@ -67,6 +67,29 @@ def training_text(m: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def hold_advice(m: dict[str, Any], policy: dict[str, Any]) -> None:
+    """How ``disposition.min_confidence`` trades parts held for review against the accuracy of the
+    parts decided automatically, on the held-out test set (from the gate): the numbers an engineer
+    sets the threshold with."""
+    measured = (m.get("gate") or {}).get("candidate_metrics") or {}
+    watched = policy.get("heads") or list(measured)
+    curves = {head: h for head, h in measured.items() if head in watched and h.get("hold_curve")}
+    if not curves:
+        return
+    setting = float(policy.get("min_confidence", 0.0))
+    st.markdown("Hold threshold on the held-out test set (dashed: the line's `disposition.min_confidence`)")
+    for col, (head, h) in zip(st.columns(len(curves)), curves.items(), strict=True):
+        curve = h["hold_curve"]
+        i = min(round(setting * 100), len(curve["threshold"]) - 1)
+        held, right = curve["held"][i], curve["accuracy"][i]
+        with col:
+            st.altair_chart(charts.hold_curve(curve, setting, len(h.get("classes") or [0, 0])), width="stretch")
+            own = sorted((policy.get("class_min_confidence") or {}).get(head, {}))
+            st.caption(f"**{head}** at {curve['threshold'][i]:.2f}: {ui.pct(held, 0)} of these parts held, "
+                       + (f"{ui.pct(right)} of those decided right" if right is not None else "none decided")
+                       + (f" (classes {', '.join(own)} have their own thresholds, not drawn)" if own else ""))
+
+
 def act(what: str, fn: Any) -> None:
     result = ui.call(fn, what)
     if result is not None:
@@ -92,7 +115,7 @@ def overview(models: dict[str, Any]) -> None:
     st.dataframe(pd.DataFrame(rows).fillna("—"), hide_index=True, width="stretch")
 
 
-def detail(m: dict[str, Any], rollback_to: str | None) -> None:
+def detail(m: dict[str, Any], policy: dict[str, Any]) -> None:
     api = ui.api()
     engineer = ui.at_least("engineer")
     tag = " · serving" if m["serving"] else " · shadow" if m["shadow"] else ""
@@ -125,6 +148,7 @@ def detail(m: dict[str, Any], rollback_to: str | None) -> None:
                 with col:
                     st.markdown(f"**{title}**")
                     st.altair_chart(charts.confusion(block["confusion"], classes), width="stretch")
+        hold_advice(m, policy)
         if facts := training_text(m):
             st.caption(facts)
         if m.get("onnx_sha256"):
@@ -221,4 +245,4 @@ if models is not None:
     shadow()
     st.subheader("Versions")
     for m in models["models"]:
-        detail(m, models["rollback_to"])
+        detail(m, models.get("hold_policy") or {})

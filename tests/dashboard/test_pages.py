@@ -158,7 +158,13 @@ def test_models_page_shows_the_gates_held_out_metrics(line: Line, api_url: str) 
         gate = api.get("/models/brightness-v2").json()["gate"]
     assert gate["passed"] and "Validation gate passed against brightness-v1" in texts(eng)
     table = eng.dataframe[1].value  # brightness-v2's card, the newest first
-    assert len(eng.dataframe) == tables + 1 and charts(eng) == matrices + 2, "a table and a matrix per head"
+    assert len(eng.dataframe) == tables + 1 and charts(eng) == matrices + 3, \
+        "a table and a matrix per head, a hold curve for the one head that can hold a part"
+    curve = gate["candidate_metrics"]["defect_grade"]["hold_curve"]
+    held, right = curve["held"][60], curve["accuracy"][60]  # the test line's min_confidence: 0.6
+    assert (f"**defect_grade** at 0.60: {held * 100:.0f} % of these parts held, {right * 100:.1f} % of those decided "
+            "right") in texts(eng)
+    assert "**cell_type** at" not in texts(eng), "disposition.heads leaves cell type out: it never holds a part"
     assert list(table["head"]) == ["defect_grade", "cell_type"] and set(table["measured on"]) == {"held-out test"}
     for _, row in table.iterrows():
         measured = gate["candidate_metrics"][row["head"]]

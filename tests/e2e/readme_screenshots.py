@@ -26,7 +26,7 @@ from tests.e2e.browser import VIEWPORT, go, launch, log_in, log_out, screenshot,
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "docs" / "screenshots"
-HEIGHTS = {"live": 1100, "review": 1000, "root_cause": 2100, "models": 1700}
+HEIGHTS = {"live": 1100, "review": 1250, "root_cause": 2100, "models": 2100}
 
 
 def true_labels(dataset: Path) -> dict[str, dict[str, str]]:

@@ -19,7 +19,7 @@ from appliance.model_package import read_card, sha256_file
 from appliance.training.calibration import fit_temperature
 from appliance.training.evaluate import evaluate_model
 from appliance.training.features import View, views
-from appliance.training.metrics import confusion_matrix, expected_calibration_error, macro_f1
+from appliance.training.metrics import confusion_matrix, expected_calibration_error, hold_curve, macro_f1
 from appliance.training.predict import predict_images
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
@@ -148,6 +148,13 @@ def test_evaluate_learns_the_pattern(package: Path, dataset: Path) -> None:
     assert np.sum(summary["heads"]["defect_type"]["confusion"]) == report.images
     text = report.to_text()
     assert "defect_type" in text and "scratch" in text and "recall" in text
+    for name, head in summary["heads"].items():  # holding nothing decides every part, at the head's accuracy
+        curve = head["hold_curve"]
+        assert curve["held"][0] == 0.0 and curve["accuracy"][0] == pytest.approx(head["accuracy"], abs=1e-4)
+        assert curve["held"] == sorted(curve["held"]), "a higher threshold never holds fewer parts"
+        setting = report.heads[name]
+        assert curve["held"][90] == pytest.approx(float(np.mean(setting.confidence < 0.9)), abs=1e-4)
+    assert "min_confidence  held" in text
     assert evaluate_model(package, dataset, split="train").images > report.images
     with pytest.raises(UserError, match="split 'val'"):
         evaluate_model(package, dataset, split="val")
@@ -192,6 +199,18 @@ def test_metrics_by_hand() -> None:
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
     # bins: 0.9 (2 samples, both right) and 0.6 (2 samples, one right): (2·0.1 + 2·0.1)/4
     assert expected_calibration_error(probs, np.array([0, 0, 0, 0])) == pytest.approx(0.1)
+
+
+def test_hold_curve_by_hand() -> None:
+    confidence = np.array([0.95, 0.9, 0.8, 0.7, 0.55, 0.4])
+    correct = np.array([True, True, True, False, True, False])
+    curve = hold_curve(confidence, correct)
+    at = {t: (h, a) for t, h, a in zip(curve["threshold"], curve["held"], curve["accuracy"], strict=True)}
+    assert at[0.0] == (0.0, round(4 / 6, 4))
+    assert at[0.5] == (round(1 / 6, 4), 0.8), "0.4 held; 4 of the 5 decided are right"
+    assert at[0.7] == (round(2 / 6, 4), 0.75), "a confidence equal to the threshold is decided, as on the line"
+    assert at[0.71] == (0.5, 1.0)
+    assert at[0.96] == (1.0, None), "every part held: no accuracy to report"
 
 
 def test_temperature_undoes_overconfidence() -> None:
