@@ -52,9 +52,15 @@ def prepare_demo(cfg: AppConfig) -> None:
     # so the dashboard's Models page shows the same test figures as printed here
     holdout = cfg.resolve(cfg.registry.holdout) if cfg.registry.holdout else dataset
     verdict = run_gate(staging, None, holdout, cfg.registry.gate_margin)
+    policy = cfg.disposition
     for head, metrics in verdict.candidate_metrics.items():
-        typer.echo(f"  held-out test {head}: accuracy {metrics['accuracy']:.3f}, "
-                   f"macro-F1 {metrics['macro_f1']:.3f}")
+        line = f"  held-out test {head}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+        if policy.heads is None or head in policy.heads:  # what the hold threshold makes of it
+            curve, i = metrics["hold_curve"], min(round(policy.min_confidence * 100), 99)
+            held, right = curve["held"][i], curve["accuracy"][i]
+            line += (f"; at min_confidence {curve['threshold'][i]:.2f} the line holds {held:.0%} for review"
+                     + (f" and decides {right:.1%} of the rest right" if right is not None else ""))
+        typer.echo(line)
     registry.register(staging)
     registry.set_champion(card.version)
     shutil.rmtree(staging, ignore_errors=True)

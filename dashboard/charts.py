@@ -200,11 +200,11 @@ def hold_curve(curve: dict[str, list[Any]], setting: float, classes: int) -> alt
             for t, held, acc in zip(curve["threshold"], curve["held"], curve["accuracy"], strict=True) if t >= start
             for what, v in (("parts held", held), ("accuracy of the parts decided", acc)) if v is not None]
     df = pd.DataFrame(rows or {"min confidence": [], "what": [], "share": []})
-    x = alt.X("min confidence:Q", scale=alt.Scale(domain=[start, 1]))
+    x = alt.X("min confidence:Q", scale=alt.Scale(domain=[start, 1], nice=False))
     lines = alt.Chart(df).mark_line(strokeWidth=3).encode(
         x=x, y=alt.Y("share:Q", title=None, axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("what:N", scale=alt.Scale(domain=["parts held", "accuracy of the parts decided"],
-                                                   range=[BLUE, GREY]), legend=alt.Legend(title=None)),
+                                                   range=[BLUE, GREY]), legend=alt.Legend(title=None, labelLimit=0)),
         tooltip=[alt.Tooltip("min confidence:Q", format=".2f"), "what", alt.Tooltip("share:Q", format=".1%")])
     rule = alt.Chart(pd.DataFrame({"min confidence": [setting]})).mark_rule(
         color="#202124", strokeDash=[6, 4], strokeWidth=2).encode(x="min confidence:Q")
