@@ -200,7 +200,8 @@ def hold_curve(curve: dict[str, list[Any]], setting: float, classes: int) -> alt
             for t, held, acc in zip(curve["threshold"], curve["held"], curve["accuracy"], strict=True) if t >= start
             for what, v in (("parts held", held), ("accuracy of the parts decided", acc)) if v is not None]
     df = pd.DataFrame(rows or {"min confidence": [], "what": [], "share": []})
-    x = alt.X("min confidence:Q", scale=alt.Scale(domain=[start, 1], nice=False))
+    x = alt.X("min confidence:Q", scale=alt.Scale(domain=[start, 1], nice=False),
+              axis=alt.Axis(values=[t / 10 for t in range(11) if t / 10 >= start], format=".1f"))
     lines = alt.Chart(df).mark_line(strokeWidth=3).encode(
         x=x, y=alt.Y("share:Q", title=None, axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("what:N", scale=alt.Scale(domain=["parts held", "accuracy of the parts decided"],

@@ -3,12 +3,27 @@ changes, exports and user changes — with who, when and what (engineers and adm
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from dashboard import ui
+
+
+def describe(detail: dict[str, Any] | None) -> str:
+    """An entry's detail as a person reads it: ``labels: defect_grade=1, cell_type=poly``, empty
+    fields left out (a label without a comment says nothing about a comment)."""
+    def text(v: Any) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={text(x)}" for k, x in v.items())
+        if isinstance(v, list):
+            return "; ".join(text(x) for x in v)
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return str(v)
+    return " · ".join(f"{k}: {text(v)}" for k, v in (detail or {}).items() if v not in (None, "", [], {}))
+
 
 st.title("Audit log")
 if not ui.at_least("engineer"):
@@ -32,7 +47,7 @@ if data is not None:
     if text:
         df = df[df["target"].fillna("").str.contains(text, case=False, regex=False)]
     df["at"] = df["at"].map(ui.when)
-    df["detail"] = df["detail"].map(lambda d: json.dumps(d, ensure_ascii=False) if d else "")
+    df["detail"] = df["detail"].map(describe)
     st.caption(f"{len(df)} of {len(entries)} entries, newest first")
     st.dataframe(df[["at", "user", "role", "action", "target", "detail"]], hide_index=True, width="stretch",
                  height=min(640, 36 * (len(df) + 1) + 4))

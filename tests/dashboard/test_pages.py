@@ -183,7 +183,8 @@ def test_audit_page_for_engineers(line: Line, api_url: str) -> None:
         api.post(f"/results/{rid}/labels", json={"labels": {"defect_grade": "1"}})
     at = open_page(app(line, "engineer"), "audit")
     table = at.dataframe[0].value
-    assert ((table["action"] == "label") & (table["target"] == rid) & (table["user"] == "olga")).any()
+    mine = table[(table["action"] == "label") & (table["target"] == rid) & (table["user"] == "olga")]
+    assert list(mine["detail"]) == ["labels: defect_grade=1"], "read as a person would; no empty comment"
 
 
 def test_users_page_for_admins(line: Line, api_url: str) -> None:
