@@ -32,7 +32,7 @@ async def review_queue(who: Operator, request: Request,
 async def add_labels(result_id: str, body: LabelsIn, who: Operator, request: Request) -> dict[str, Any]:
     """Confirm or correct a result's classes; stored with who and when, audited."""
     daemon = daemon_of(request)
-    if await asyncio.to_thread(daemon.store.get, result_id) is None:
+    if (result := await asyncio.to_thread(daemon.store.get, result_id)) is None:
         raise HTTPException(404, f"no result {result_id}")
     assert daemon.classifier is not None
     heads = {h.name: h.classes for h in daemon.classifier.card.heads}
@@ -45,7 +45,7 @@ async def add_labels(result_id: str, body: LabelsIn, who: Operator, request: Req
     ids = await asyncio.to_thread(daemon.store.add_labels, result_id, body.labels, who.name, body.comment,
                                   not two_person)
     await asyncio.to_thread(daemon.store.audit, who.name, who.role, "label", result_id,
-                            {"labels": body.labels, "comment": body.comment})
+                            {"part": result["part_id"], "labels": body.labels, "comment": body.comment})
     return {"result_id": result_id, "label_ids": ids, "verified": not two_person}
 
 

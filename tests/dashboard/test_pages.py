@@ -179,12 +179,14 @@ def test_models_page_shows_the_gates_held_out_metrics(line: Line, api_url: str) 
 
 def test_audit_page_for_engineers(line: Line, api_url: str) -> None:
     with line.api("operator") as api:
-        rid = api.get("/review/queue").json()["results"][0]["result_id"]
+        top = api.get("/review/queue").json()["results"][0]
+        rid, part = top["result_id"], top["part_id"]
         api.post(f"/results/{rid}/labels", json={"labels": {"defect_grade": "1"}})
     at = open_page(app(line, "engineer"), "audit")
     table = at.dataframe[0].value
     mine = table[(table["action"] == "label") & (table["target"] == rid) & (table["user"] == "olga")]
-    assert list(mine["detail"]) == ["labels: defect_grade=1"], "read as a person would; no empty comment"
+    assert part and list(mine["detail"]) == [f"part: {part} · labels: defect_grade=1"], \
+        "the part by its name, read as a person would; no empty comment"
 
 
 def test_users_page_for_admins(line: Line, api_url: str) -> None:
