@@ -39,15 +39,15 @@ if data is not None:
     c = st.columns(3)
     actions = c[0].multiselect("Action", sorted(df["action"].unique()), key="audit_action")
     users = c[1].multiselect("User", sorted(df["user"].unique()), key="audit_user")
-    text = c[2].text_input("Target contains", key="audit_target")
+    text = c[2].text_input("Target or detail contains", key="audit_target", placeholder="a part, a version, a user…")
     if actions:
         df = df[df["action"].isin(actions)]
     if users:
         df = df[df["user"].isin(users)]
-    if text:
-        df = df[df["target"].fillna("").str.contains(text, case=False, regex=False)]
-    df["at"] = df["at"].map(ui.when)
     df["detail"] = df["detail"].map(describe)
+    if text:
+        df = df[(df["target"].fillna("") + " " + df["detail"]).str.contains(text, case=False, regex=False)]
+    df["at"] = df["at"].map(ui.when)
     st.caption(f"{len(df)} of {len(entries)} entries, newest first")
     st.dataframe(df[["at", "user", "role", "action", "target", "detail"]], hide_index=True, width="stretch",
                  height=min(640, 36 * (len(df) + 1) + 4))

@@ -187,6 +187,8 @@ def test_audit_page_for_engineers(line: Line, api_url: str) -> None:
     mine = table[(table["action"] == "label") & (table["target"] == rid) & (table["user"] == "olga")]
     assert part and list(mine["detail"]) == [f"part: {part} · labels: defect_grade=1"], \
         "the part by its name, read as a person would; no empty comment"
+    at.text_input(key="audit_target").input(part.upper()).run()
+    assert list(at.dataframe[0].value["target"]) == [rid], "found by its part name"
 
 
 def test_users_page_for_admins(line: Line, api_url: str) -> None:
