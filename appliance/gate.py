@@ -48,8 +48,9 @@ class GateVerdict:
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     """What the gate decides on (accuracy, per-class recall) and what a person checks it with,
-    including the hold curve an engineer sets ``disposition.min_confidence`` from."""
-    keep = ("accuracy", "macro_f1", "recall", "n", "classes", "confusion", "hold_curve")
+    including calibration on the held-out set and the hold curve an engineer sets
+    ``disposition.min_confidence`` from."""
+    keep = ("accuracy", "macro_f1", "recall", "n", "classes", "confusion", "ece", "ece_uncalibrated", "hold_curve")
     return {head: {k: m[k] for k in keep} for head, m in summary["heads"].items()}
 
 

@@ -122,6 +122,7 @@ def run(data: Path, recipe: TrainRecipe, package: Path | None, label: str) -> di
         "classes": classes,
         "mean_abs_grade_error": round(g.get("mean_abs_grade_error", float("nan")), 4),
         "ece_test": round(g["ece"], 4),
+        "ece_test_uncalibrated": g["ece_uncalibrated"],
         "accuracy_4level_when_holding": accuracy_when_holding(evaluation.heads[GRADE_HEAD]),
         "hold_curve": g["hold_curve"],
         "ece_val_uncalibrated": val.get("ece_uncalibrated"),
@@ -151,8 +152,8 @@ def table(r: dict) -> str:
         f"  binary accuracy    {r['binary_accuracy']:.4f}   (defective = grade ≥ 1/2)",
         "  4-level accuracy of the parts decided when the least confident are held: "
         + ", ".join(f"{share} held {acc:.4f}" for share, acc in r["accuracy_4level_when_holding"].items()),
-        f"  ECE val before/after calibration  {r['ece_val_uncalibrated']} / {r['ece_val_calibrated']}"
-        f"   (test {r['ece_test']:.4f}, T={r['temperature']:.3f})",
+        f"  ECE before/after calibration  test {r['ece_test_uncalibrated']} / {r['ece_test']:.4f}, "
+        f"val {r['ece_val_uncalibrated']} / {r['ece_val_calibrated']}   (T={r['temperature']:.3f})",
         f"  training seconds   {r['training_seconds']:.1f}   (goal ≤ {GOAL_SECONDS:.0f}) "
         f"{r['training_seconds_by_stage']}",
         f"  latency bs1 2thr   p50 {r['latency']['p50_ms']} ms  p99 {r['latency']['p99_ms']} ms",

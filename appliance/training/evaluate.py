@@ -20,6 +20,7 @@ from appliance.training.metrics import (
     hold_curve,
     macro_f1,
     recall_by_class,
+    without_temperature,
 )
 
 BATCH = 32
@@ -33,6 +34,8 @@ class HeadReport:
     ordinal: bool
     confusion: np.ndarray
     ece: float
+    ece_uncalibrated: float | None
+    """The same parts' ECE without the head's temperature; None where that cannot be undone."""
     confidence: np.ndarray
     """Per part: the (calibrated) confidence of the predicted class."""
     correct: np.ndarray
@@ -51,6 +54,7 @@ class HeadReport:
             "recall": recall_by_class(self.confusion, self.classes),
             "confusion": self.confusion.tolist(),
             "classes": list(self.classes),
+            "ece_uncalibrated": None if self.ece_uncalibrated is None else round(self.ece_uncalibrated, 4),
             "hold_curve": hold_curve(self.confidence, self.correct),
         }
         if self.ordinal:  # mean distance in grades between truth and prediction
@@ -79,7 +83,9 @@ class EvalReport:
             s = head.summary()
             lines.append("")
             lines.append(f"{name}: accuracy {s['accuracy']:.4f}  macro-F1 {s['macro_f1']:.4f}  "
-                         f"ECE {s['ece']:.4f}  n={s['n']}"
+                         f"ECE {s['ece']:.4f}"
+                         + (f" ({s['ece_uncalibrated']:.4f} before calibration)"
+                            if s["ece_uncalibrated"] is not None else "") + f"  n={s['n']}"
                          + (f"  mean |grade error| {s['mean_abs_grade_error']:.3f}" if head.ordinal else ""))
             corner = "true \\ predicted"
             label = max(len(corner), *(len(c) for c in head.classes)) + 2
@@ -156,6 +162,8 @@ def evaluate_model(model: Path, data: Path, split: str | None = None) -> EvalRep
             classes=list(head.classes), ordinal=head.ordinal,
             confusion=confusion_matrix(y, predicted, len(head.classes)),
             ece=expected_calibration_error(p, y),
+            ece_uncalibrated=None if head.parent or head.line_frequencies else
+            expected_calibration_error(without_temperature(p, head.temperature), y),
             confidence=p.max(axis=1), correct=predicted == y,
         )
     return report

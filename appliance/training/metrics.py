@@ -62,6 +62,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def without_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+    """The probabilities the head gave before its temperature ``t``: ``softmax(t · log p)``.
+
+    Exact for a head whose graph is ``softmax(z / t)``; not for one with a prior shift or a parent
+    (its probabilities are masked by the parent's), which callers must leave out.
+    """
+    return softmax(np.log(np.clip(probs, 1e-30, None)) * t)
+
+
 HOLD_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(100))
 """The ``min_confidence`` settings a hold curve is worked out for: 0.00, 0.01 … 0.99."""
 

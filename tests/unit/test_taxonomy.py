@@ -80,6 +80,8 @@ def test_hierarchical_and_ordinal_heads_train_and_evaluate(package: Path, datase
     assert summary["family"]["accuracy"] > 0.6
     assert "mean_abs_grade_error" in summary["severity"]
     assert "mean_abs_grade_error" not in summary["subtype"]
+    assert isinstance(summary["family"]["ece_uncalibrated"], float)
+    assert summary["subtype"]["ece_uncalibrated"] is None, "masked by its parent: the temperature cannot be undone"
 
 
 def test_child_predictions_are_consistent_with_the_parent(package: Path, dataset: Path) -> None:

@@ -19,7 +19,14 @@ from appliance.model_package import read_card, sha256_file
 from appliance.training.calibration import fit_temperature
 from appliance.training.evaluate import evaluate_model
 from appliance.training.features import View, views
-from appliance.training.metrics import confusion_matrix, expected_calibration_error, hold_curve, macro_f1
+from appliance.training.metrics import (
+    confusion_matrix,
+    expected_calibration_error,
+    hold_curve,
+    macro_f1,
+    softmax,
+    without_temperature,
+)
 from appliance.training.predict import predict_images
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
@@ -140,14 +147,14 @@ def test_evaluate_learns_the_pattern(package: Path, dataset: Path) -> None:
     assert set(summary) == {"heads"} and set(summary["heads"]) == {"defect_type", "severity"}
     for head in summary["heads"].values():
         assert isinstance(head["accuracy"], float) and isinstance(head["macro_f1"], float)
-        assert 0 <= head["ece"] <= 1
+        assert 0 <= head["ece"] <= 1 and 0 <= head["ece_uncalibrated"] <= 1
     # Chance is 1/3 and 1/2; the shapes and sizes are easy to tell apart.
     assert summary["heads"]["defect_type"]["accuracy"] >= 0.8
     assert summary["heads"]["severity"]["accuracy"] >= 0.7
     assert summary["heads"]["severity"]["n"] == 2 * summary["heads"]["defect_type"]["n"] // 3
     assert np.sum(summary["heads"]["defect_type"]["confusion"]) == report.images
     text = report.to_text()
-    assert "defect_type" in text and "scratch" in text and "recall" in text
+    assert "defect_type" in text and "scratch" in text and "recall" in text and "before calibration" in text
     for name, head in summary["heads"].items():  # holding nothing decides every part, at the head's accuracy
         curve = head["hold_curve"]
         assert curve["held"][0] == 0.0 and curve["accuracy"][0] == pytest.approx(head["accuracy"], abs=1e-4)
@@ -211,6 +218,11 @@ def test_hold_curve_by_hand() -> None:
     assert at[0.7] == (round(2 / 6, 4), 0.75), "a confidence equal to the threshold is decided, as on the line"
     assert at[0.71] == (0.5, 1.0)
     assert at[0.96] == (1.0, None), "every part held: no accuracy to report"
+
+
+def test_the_evaluation_recovers_the_probabilities_before_the_temperature() -> None:
+    z = np.random.default_rng(3).normal(0, 4, (50, 5))
+    np.testing.assert_allclose(without_temperature(softmax(z / 1.7), 1.7), softmax(z), atol=1e-9)
 
 
 def test_temperature_undoes_overconfidence() -> None:
