@@ -69,6 +69,8 @@ def rows() -> list[tuple[str, str, str, str]]:
                 *([("elpv", "4-level accuracy of the parts decided, least confident 10/20/30 % held",
                     " / ".join(str(v) for v in held.values()), "–")]
                   if (held := p.get("accuracy_4level_when_holding")) else []),
+                *([("elpv", "test ECE before / after calibration", f"{before} / {p['ece_test']}", "after < before")]
+                  if (before := p.get("ece_test_uncalibrated")) is not None else []),
                 ("elpv", "training time (2 cores)", f"{p['training_seconds']} s", "≤ 600 s")]
     if p := load("learning_curve"):
         out += [("learning_curve", f"4-level accuracy with {s['per_class']} labels per grade ({setting})",
