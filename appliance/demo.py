@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from appliance.config import AppConfig
+from appliance.config import AppConfig, DispositionConfig
 from appliance.errors import UserError
 from appliance.registry import ModelRegistry
 
@@ -52,18 +53,23 @@ def prepare_demo(cfg: AppConfig) -> None:
     # so the dashboard's Models page shows the same test figures as printed here
     holdout = cfg.resolve(cfg.registry.holdout) if cfg.registry.holdout else dataset
     verdict = run_gate(staging, None, holdout, cfg.registry.gate_margin)
-    policy = cfg.disposition
     for head, metrics in verdict.candidate_metrics.items():
-        line = f"  held-out test {head}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
-        if policy.heads is None or head in policy.heads:  # what the hold threshold makes of it
-            curve, i = metrics["hold_curve"], min(round(policy.min_confidence * 100), 99)
-            held, right = curve["held"][i], curve["accuracy"][i]
-            line += (f"; at min_confidence {curve['threshold'][i]:.2f} the line holds {held:.0%} for review"
-                     + (f" and decides {right:.1%} of the rest right" if right is not None else ""))
-        typer.echo(line)
+        typer.echo(held_out_summary(head, metrics, cfg.disposition))
     registry.register(staging)
     registry.set_champion(card.version)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def held_out_summary(head: str, metrics: dict[str, Any], policy: DispositionConfig) -> str:
+    """One head's held-out figures and, for a head that can hold parts, what the line's
+    ``min_confidence`` makes of them (from the hold curve)."""
+    line = f"  held-out test {head}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+    if policy.heads is None or head in policy.heads:
+        curve, i = metrics["hold_curve"], min(round(policy.min_confidence * 100), 99)
+        held, right = curve["held"][i], curve["accuracy"][i]
+        line += (f"; at min_confidence {curve['threshold'][i]:.2f} the line holds {held:.0%} for review"
+                 + (f" and decides {right:.1%} of the rest right" if right is not None else ""))
+    return line
 
 
 def demo_credentials(cfg: AppConfig) -> dict[str, dict[str, str]]:

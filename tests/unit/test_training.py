@@ -13,7 +13,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw
 
+from appliance.config import DispositionConfig
 from appliance.dataset import HeadSpec, Sample, write_dataset
+from appliance.demo import held_out_summary
 from appliance.errors import UserError
 from appliance.model_package import read_card, sha256_file
 from appliance.training.calibration import fit_temperature
@@ -218,6 +220,20 @@ def test_hold_curve_by_hand() -> None:
     assert at[0.7] == (round(2 / 6, 4), 0.75), "a confidence equal to the threshold is decided, as on the line"
     assert at[0.71] == (0.5, 1.0)
     assert at[0.96] == (1.0, None), "every part held: no accuracy to report"
+
+
+def test_the_demo_says_what_the_hold_threshold_does_to_its_first_model() -> None:
+    metrics = {"accuracy": 4 / 6, "macro_f1": 0.5,
+               "hold_curve": hold_curve(np.array([0.95, 0.9, 0.8, 0.7, 0.55, 0.4]),
+                                        np.array([True, True, True, False, True, False]))}
+    rule = [{"name": "ok", "disposition": "pass"}]
+    watched = DispositionConfig(rules=rule, min_confidence=0.5, heads=["grade"])
+    assert held_out_summary("grade", metrics, watched) == (
+        "  held-out test grade: accuracy 0.667, macro-F1 0.500; "
+        "at min_confidence 0.50 the line holds 17% for review and decides 80.0% of the rest right")
+    assert held_out_summary("type", metrics, watched).endswith("macro-F1 0.500"), "a head that never holds"
+    everything = DispositionConfig(rules=rule, min_confidence=0.99)
+    assert held_out_summary("grade", metrics, everything).endswith("holds 100% for review")
 
 
 def test_the_evaluation_recovers_the_probabilities_before_the_temperature() -> None:
