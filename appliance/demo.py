@@ -17,6 +17,7 @@ import typer
 from appliance.config import AppConfig, DispositionConfig
 from appliance.errors import UserError
 from appliance.registry import ModelRegistry
+from appliance.training.metrics import hold_at
 
 CREDENTIALS_FILE = "demo-credentials.json"
 DEMO_ROLES = ("operator", "engineer", "admin")
@@ -65,9 +66,8 @@ def held_out_summary(head: str, metrics: dict[str, Any], policy: DispositionConf
     ``min_confidence`` makes of them (from the hold curve)."""
     line = f"  held-out test {head}: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
     if policy.heads is None or head in policy.heads:
-        curve, i = metrics["hold_curve"], min(round(policy.min_confidence * 100), 99)
-        held, right = curve["held"][i], curve["accuracy"][i]
-        line += (f"; at min_confidence {curve['threshold'][i]:.2f} the line holds {held:.0%} for review"
+        threshold, held, right = hold_at(metrics["hold_curve"], policy.min_confidence)
+        line += (f"; at min_confidence {threshold:.2f} the line holds {held:.0%} for review"
                  + (f" and decides {right:.1%} of the rest right" if right is not None else ""))
     return line
 

@@ -17,6 +17,7 @@ from appliance.training.metrics import (
     accuracy,
     confusion_matrix,
     expected_calibration_error,
+    hold_at,
     hold_curve,
     macro_f1,
     recall_by_class,
@@ -98,10 +99,8 @@ class EvalReport:
             curve = s["hold_curve"]
             lines.append("  min_confidence  held  accuracy of the parts decided")
             for threshold in TEXT_THRESHOLDS:
-                i = curve["threshold"].index(threshold)
-                decided = curve["accuracy"][i]
-                lines.append(f"  {threshold:>14.2f} {curve['held'][i]:>5.0%}  "
-                             + ("-" if decided is None else f"{decided:.1%}"))
+                _, held, decided = hold_at(curve, threshold)
+                lines.append(f"  {threshold:>14.2f} {held:>5.0%}  " + ("-" if decided is None else f"{decided:.1%}"))
         return "\n".join(lines)
 
 

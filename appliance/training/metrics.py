@@ -85,3 +85,9 @@ def hold_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str, list]:
         held.append(round(1.0 - float(decided.mean()), 4) if len(decided) else 0.0)
         decided_accuracy.append(round(float(correct[decided].mean()), 4) if decided.any() else None)
     return {"threshold": list(HOLD_THRESHOLDS), "held": held, "accuracy": decided_accuracy}
+
+
+def hold_at(curve: dict[str, list], min_confidence: float) -> tuple[float, float, float | None]:
+    """(threshold, share held, accuracy decided) of ``curve`` at the step nearest ``min_confidence``."""
+    i = min(round(min_confidence * 100), len(HOLD_THRESHOLDS) - 1)
+    return curve["threshold"][i], curve["held"][i], curve["accuracy"][i]
