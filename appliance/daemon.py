@@ -481,7 +481,13 @@ class Daemon:
                     log.warning("classifier busy: %d frames dropped so far", self.stats.dropped)
 
     async def _judge_loop(self) -> None:
+        """Judge frames in order; a part's commit overlaps the next part's inference.
+
+        At most one commit is in flight and each waits for the one before, so results are still
+        stored and published in acquisition order.
+        """
         loop = asyncio.get_running_loop()
+        committing: asyncio.Task[None] | None = None
         while (frame := await self._queue.get()) is not None:
             dequeued_ns = time.perf_counter_ns()
             classifier = self.classifier  # a model swap takes effect between two frames
@@ -494,7 +500,11 @@ class Daemon:
                 self.stats.dropped += 1
                 self.metrics.dropped.inc()
                 continue
-            await self._commit(result, frame)
+            if committing is not None:
+                await committing
+            committing = asyncio.create_task(self._commit(result, frame), name="commit")
+        if committing is not None:
+            await committing
 
     def _judge(self, frame: Frame, classifier: Classifier, dequeued_ns: int) -> PartResult:
         batch, part_id, process_values = frame.meta.get("context") or (self.context.batch, None, {})

@@ -191,3 +191,27 @@ async def test_triggered_parts_carry_plc_data_into_the_store(tmp_path: Path, lin
     assert stored is not None
     assert (stored["part_id"], stored["batch"], stored["process_values"]) == ("SN-1001", "LOT-42",
                                                                                {"temp_c": 71.5})
+
+
+async def test_results_are_stored_and_published_in_camera_order_though_commits_overlap(
+        tmp_path: Path, line_config) -> None:
+    """A part's commit runs beside the next part's inference; a slow, uneven publisher must
+    still see every part once, in the order the camera took them, with rising sequence numbers."""
+    images = tmp_path / "images"
+    paths = write_grade_images(images, GRADES * 5)
+    daemon = Daemon(line_config(images, camera={"queue_size": 64}))  # no frame may be dropped
+    published: list[tuple[int, str]] = []
+    delays = iter([0.004, 0.0, 0.012, 0.001, 0.0, 0.008] * 10)
+
+    async def uneven_publisher(result) -> None:
+        await asyncio.sleep(next(delays))
+        published.append((result.seq, result.part_id))
+
+    daemon.publishers.append(uneven_publisher)
+    await daemon.start()
+    try:
+        await daemon.wait_for_results(len(paths), timeout=30)
+    finally:
+        await daemon.stop()
+    assert [part for _, part in published] == [p.stem for p in paths]
+    assert [seq for seq, _ in published] == list(range(1, len(paths) + 1))
