@@ -4,6 +4,7 @@ part of the page is redrawn (no flicker, no full rerun, filters elsewhere keep t
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 from typing import Any
 
@@ -122,7 +123,8 @@ def live() -> None:
                             f"{' (passes are sampled)' if r['disposition'] == 'pass' else ''}</div>",
                             unsafe_allow_html=True)
             head = r["predictions"][0] if r["predictions"] else None
-            label = f"{head['label']} {head['confidence']:.0%}" if head else r.get("error") or ""
+            label = (f"<span title='{html.escape(head['head'])}'>{html.escape(head['label'])} · "
+                     f"{head['confidence']:.0%}</span>" if head else html.escape(r.get("error") or ""))
             st.markdown(f"{ui.badge(r['disposition'])}<br><span class='muted'>{r.get('part_id') or ''}"
                         f"<br>{label}<br>{ui.when(r['acquired_at'])[11:]}</span>", unsafe_allow_html=True)
 

@@ -72,6 +72,11 @@ def test_live_shows_the_line(line: Line, api_url: str) -> None:
     assert charts(at) == 2, "disposition mix and parts per minute"
     assert len(at.get("image")) == 8, "the last eight parts with thumbnails"
     assert "camera 'top'" in texts(at).lower()
+    with line.api("operator") as api:
+        newest = api.get("/results", params={"limit": 1}).json()["results"][0]
+    first_head = newest["predictions"][0]
+    assert (f"<span title='{first_head['head']}'>{first_head['label']} · "
+            f"{first_head['confidence']:.0%}</span>") in texts(at), "a part's caption: head, label, confidence"
 
 
 def test_operator_sees_no_audit_or_users_page(line: Line, api_url: str) -> None:
