@@ -45,6 +45,14 @@ def rows() -> list[tuple[str, str, str, str]]:
                  "≤ 10 ms"),
                 ("pipeline", "stored p99 / bare-model p99", f"{p['ratio_stored_p99_to_bare_p99']}", "≤ 1.5"),
                 ("pipeline", "sustained throughput", f"{p['sustained']['parts_per_s']} parts/s", "≥ 100")]
+        if line := p.get("line_rate"):
+            out += [("pipeline", f"at {line['rate_hz']:.0f} parts/s: bare model paced alike p50 / p99",
+                     f"{ms(line['bare_model_ms'], 'p50')} / {ms(line['bare_model_ms'])}", "–"),
+                    ("pipeline", f"at {line['rate_hz']:.0f} parts/s: frame → stored p50 / p99",
+                     f"{ms(line['run']['stored_ms'], 'p50')} / {ms(line['run']['stored_ms'])} "
+                     f"({line['run']['dropped']} dropped)", "–"),
+                    ("pipeline", f"at {line['rate_hz']:.0f} parts/s: stored p99 / paced bare-model p99",
+                     f"{line['ratio_stored_p99_to_bare_p99']}", "≤ 1.5")]
     if p := load("plc"):
         for r in p["runs"]:
             out += [("plc", f"OPC UA event p50 / p99 at {r['rate_hz']:.0f} parts/s",
