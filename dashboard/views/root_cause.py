@@ -87,16 +87,16 @@ if control:
 
 left, right = st.columns(2)
 with left:
-    st.subheader("Pareto of defect types")
     pareto = get("/analytics/pareto", params, "read the Pareto")
+    st.subheader(f"Pareto of defective parts by {pareto['type_head']}" if pareto else "Pareto")
     if pareto:
         if pareto["items"]:
             st.altair_chart(charts.pareto(pareto["items"], pareto["type_head"]), width="stretch")
         else:
             st.info("No defective parts in this selection.")
 with right:
-    st.subheader("Severity per defect type")
     sev = get("/analytics/severity", params, "read the severities")
+    st.subheader(f"{sev['severity_head']} per {sev['type_head']}" if sev else "Severity")
     if sev:
         if sev["cells"]:
             st.altair_chart(charts.severity(sev["cells"], sev["severity_classes"], sev["type_head"],

@@ -125,7 +125,8 @@ def test_root_cause_charts_filters_and_export_by_role(line: Line, api_url: str) 
     at = open_page(app(line, "operator"), "root_cause")
     assert charts(at) == 6, "p-chart, Pareto, severity, trend, breakdown, rate by process value"
     body = texts(at)
-    assert "Defect rate · p-chart" in body and "Pareto of defect types" in body
+    assert "Defect rate · p-chart" in body and "Pareto of defective parts by cell_type" in body
+    assert "defect_grade per cell_type" in body, "the severity chart names its two heads"
     assert not at.get("download_button"), "operators do not export"
     assert at.dataframe[0].value.iloc[0]["process value"] == "oven_temp_c", "the hot oven is the top suspect"
 
