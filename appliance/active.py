@@ -36,7 +36,7 @@ def review_queue(store: Store, heads: Sequence[str] | None, limit: int) -> dict[
     ranking looks at the newest ``ranked_from`` of them."""
     candidates = store.review_candidates(CANDIDATE_POOL)
     ranked = rank(candidates, heads, limit)
-    return {"waiting": store.holds_waiting(), "ranked_from": len(candidates), "count": len(ranked),
+    return {"waiting": sum(store.waiting_for_review().values()), "ranked_from": len(candidates), "count": len(ranked),
             "results": ranked}
 
 

@@ -379,18 +379,13 @@ class Analytics:
             per_minute[m] += int(n)
             mix[disposition] = mix.get(disposition, 0) + int(n)
         total = sum(mix.values())
-        with cursor(self.store) as cur:
-            waiting = cur.execute(
-                "SELECT r.review, count(*) FROM results r WHERE r.review IS NOT NULL AND NOT EXISTS "
-                "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded) GROUP BY ALL"
-            ).fetchall()
-        waits = {review: int(n) for review, n in waiting}
+        waits = self.store.waiting_for_review()
         return {
             "now": now, "window_minutes": minutes, "parts": total,
             "parts_per_min": _throughput(per_minute, end, now),
             "mix": mix, "defect_rate": _rate(mix["rework"] + mix["reject"],
                                              mix["pass"] + mix["rework"] + mix["reject"]),
-            "holds_waiting": waits.get("hold", 0), "audits_waiting": waits.get("audit", 0),
+            "holds_waiting": waits["hold"], "audits_waiting": waits["audit"],
             "per_minute": [{"t": _at(m), "parts": n} for m, n in per_minute.items()],
         }
 

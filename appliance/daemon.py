@@ -191,7 +191,7 @@ class Daemon:
         self.retrainer = Retrainer(self)
         self.metrics = LineMetrics()
         self.image_health = ImageHealth(config.camera.health)
-        self.holds_waiting = 0
+        self.waiting_for_review = {"hold": 0, "audit": 0}
         self.analytics: Analytics | None = None
         self.quality_alarm = False
         self.quality_reason = ""
@@ -596,7 +596,7 @@ class Daemon:
                 notify("WATCHDOG=1", f"STATUS={self.state}, {self.stats.judged} parts judged")
             if time.monotonic() >= next_holds:
                 next_holds = time.monotonic() + HOLDS_REFRESH_S
-                self.holds_waiting = await asyncio.to_thread(self.store.holds_waiting)
+                self.waiting_for_review = await asyncio.to_thread(self.store.waiting_for_review)
             if time.monotonic() >= next_quality:
                 next_quality = time.monotonic() + QUALITY_CHECK_S
                 await self._check_quality()
@@ -655,7 +655,8 @@ class Daemon:
             "camera": {"view": self.config.camera.view, "source": self.config.camera.source,
                        "online": self.camera_online, "stalled": self.camera_stalled,
                        "finished": self.source_done, "image_health": self.image_health.summary()},
-            "holds_waiting": self.holds_waiting,
+            "holds_waiting": self.waiting_for_review["hold"],
+            "audits_waiting": self.waiting_for_review["audit"],
             "quality_alarm": {"active": self.quality_alarm, "reason": self.quality_reason},
             "plc": {e.name: {"online": e in self._started_endpoints, "clients": getattr(e, "clients", None)}
                     for e in self.endpoints},

@@ -81,8 +81,10 @@ class _DaemonCollector(Collector):
                                 value=1.0 if d.source.online else 0.0)
         yield GaugeMetricFamily("appliance_queue_depth", "Frames waiting for the classifier",
                                 value=d.queue_depth)
-        yield GaugeMetricFamily("appliance_holds_waiting", "Parts held and not yet reviewed",
-                                value=d.holds_waiting)
+        yield GaugeMetricFamily("appliance_holds_waiting", "Held parts nobody has labelled yet",
+                                value=d.waiting_for_review["hold"])
+        yield GaugeMetricFamily("appliance_audits_waiting", "Audit samples nobody has labelled yet",
+                                value=d.waiting_for_review["audit"])
         yield GaugeMetricFamily("appliance_image_health_alarm", "1 while images drift from their baseline",
                                 value=1.0 if d.image_health.alarm else 0.0)
         yield GaugeMetricFamily("appliance_quality_alarm", "1 while the defect rate is outside its control limits",

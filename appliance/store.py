@@ -494,12 +494,14 @@ class Store:
             self._attach_predictions(cur, rows)
         return rows
 
-    def holds_waiting(self) -> int:
+    def waiting_for_review(self) -> dict[str, int]:
+        """Parts nobody has labelled yet, by why they wait: ``hold`` (the model was unsure or the
+        image failed) and ``audit`` (a random sample of decided parts)."""
         with self.cursor() as cur:
-            row = cur.execute("SELECT count(*) FROM results r WHERE r.review IS NOT NULL AND NOT EXISTS "
-                              "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)"
-                              ).fetchone()
-        return int(row[0]) if row else 0
+            rows = cur.execute("SELECT r.review, count(*) FROM results r WHERE r.review IS NOT NULL AND NOT EXISTS "
+                               "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded) "
+                               "GROUP BY ALL").fetchall()
+        return {"hold": 0, "audit": 0} | {review: int(n) for review, n in rows}
 
     def counts(self) -> dict[str, Any]:
         with self.cursor() as cur:

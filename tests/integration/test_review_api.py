@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from appliance.daemon import Daemon
-from tests.conftest import auth_headers
+from tests.conftest import DISPOSITION, auth_headers
 
 # mean brightness → (grade, confidence) with the brightness model: 64, 128 and 192 sit between two
 # grade centres, so those parts are held; 32 and 224 are confident.
@@ -126,3 +126,30 @@ async def test_two_person_rule(tmp_path: Path, line_config) -> None:
     assert self_verify.status_code == 403
     assert verified.status_code == 200 and verified.json()["verified_by"] == "second"
     assert again.status_code == 409
+
+
+async def test_holds_and_audit_samples_waiting_are_counted_apart(tmp_path: Path, line_config,
+                                                                 monkeypatch) -> None:
+    """The queue counts both; health, metrics and the Live page tell held parts from audit samples."""
+    import asyncio
+
+    import appliance.daemon
+
+    monkeypatch.setattr(appliance.daemon, "HOLDS_REFRESH_S", 0.1)
+    disposition = {**DISPOSITION, "audit_rate": 1.0}  # every confident pass is sampled for audit
+    daemon = await start(tmp_path, line_config, disposition=disposition)
+    try:
+        async with client(daemon, auth_headers(daemon, "operator")) as api:
+            queue = (await api.get("/review/queue")).json()
+            held = next(r for r in queue["results"] if r["review"] == "hold")
+            await api.post(f"/results/{held['result_id']}/labels", json={"labels": {"defect_grade": "0"}})
+            await asyncio.sleep(1.5)  # the daemon refreshes these gauges in its supervision loop
+            health = (await api.get("/health")).json()
+            metrics = (await api.get("/metrics")).text
+            live = (await api.get("/analytics/live")).json()
+    finally:
+        await daemon.stop()
+    assert queue["waiting"] == 6, "four held parts and two audit samples (the two dark passes)"
+    assert (health["holds_waiting"], health["audits_waiting"]) == (3, 2)
+    assert "appliance_holds_waiting 3.0" in metrics and "appliance_audits_waiting 2.0" in metrics
+    assert (live["holds_waiting"], live["audits_waiting"]) == (3, 2)
