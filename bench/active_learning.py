@@ -33,6 +33,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,15 +170,15 @@ def main() -> None:
             reached = labels_to_reach(curves[order][seed], target)
             print(f"seed {seed} {order:>6}: " + " ".join(f"{p['accuracy']:.3f}" for p in curves[order][seed])
                   + f"  → target at {reached} labels", flush=True)
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for order, by_seed in curves.items():
         acc = np.array([[p["accuracy"] for p in c] for c in by_seed.values()])
-        reached = [labels_to_reach(c, target) for c in by_seed.values()]
+        per_seed = [labels_to_reach(c, target) for c in by_seed.values()]
         summary[order] = {
             "mean_accuracy_by_labels": dict(zip([p["labels"] for p in next(iter(by_seed.values()))],
                                                 np.round(acc.mean(axis=0), 4).tolist(), strict=True)),
-            "labels_to_target_per_seed": reached,
-            "labels_to_target_median": _median_labels(reached),
+            "labels_to_target_per_seed": per_seed,
+            "labels_to_target_median": _median_labels(per_seed),
             "mean_accuracy_area": round(float(acc.mean()), 4),
         }
     print(f"\nlabels to reach {target:.4f}: random {summary['random']['labels_to_target_per_seed']}, "

@@ -72,7 +72,8 @@ def synthesize(n: int, seed: int = 7) -> tuple[pa.Table, pa.Table]:
     decided = np.where(~defective, "pass", np.where(sev >= 2, "reject", "rework"))
     disposition = np.where(unsure, "hold", decided)
     audit = (disposition == "pass") & (rng.random(n) < 0.02)
-    review = np.where(disposition == "hold", "hold", np.where(audit, "audit", None))
+    nothing = np.full(n, None, object)
+    review = np.where(disposition == "hold", "hold", np.where(audit, "audit", nothing))
     ids = ulids(t_ms, rng)
     pv = [f'{{"temperature": {a:.2f}, "pressure": {b:.3f}, "line_speed": {c:.3f}}}'
           for a, b, c in zip(temperature, pressure, speed, strict=True)]
@@ -90,7 +91,7 @@ def synthesize(n: int, seed: int = 7) -> tuple[pa.Table, pa.Table]:
         "rule": np.where(disposition == "hold", "low_confidence", disposition), "review": review,
         "status": pa.array(["ok"] * n), "error": pa.nulls(n, pa.string()),
         "queue_ms": rng.gamma(2, 0.3, n), "inference_ms": inference, "decide_ms": rng.gamma(2, 0.01, n),
-        "total_ms": inference + 1.0, "image_ref": np.where(disposition != "pass", ids, None),
+        "total_ms": inference + 1.0, "image_ref": np.where(disposition != "pass", ids, nothing),
         "source_ref": pa.array(["genicam:cam0"] * n),
     })
     conf = np.clip(rng.beta(12, 1.5, n), 0.3, 1.0)

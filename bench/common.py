@@ -33,7 +33,7 @@ def line_and_model(args: argparse.Namespace) -> tuple[AppConfig, Path, Path]:
     return cfg, model.resolve(), cfg.resolve(cfg.camera.replay.path).resolve()
 
 
-def percentiles(values: list[float]) -> dict[str, float | int | None]:
+def percentiles(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0, "p50": None, "p99": None, "max": None}
     arr = np.asarray(values, float)

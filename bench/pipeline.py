@@ -34,7 +34,7 @@ from bench.common import line_and_model, line_arguments, machine, percentiles, w
 
 
 def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int, spin: bool,
-               rate: float | None = None) -> dict[str, float]:
+               rate: float | None = None) -> dict[str, Any]:
     """onnxruntime alone: back to back, or one image every 1/``rate`` s as a paced line feeds it.
 
     The two differ on this machine: between paced calls onnxruntime's second thread goes idle and

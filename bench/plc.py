@@ -72,7 +72,7 @@ def opcua_listener(url: str, pki: str, out: str, ready: Any, stop: Any) -> None:
             await client.load_data_type_definitions()
             mv = await client.get_namespace_index(MV_URI)
             sub = await client.create_subscription(1, Handler())
-            await sub.subscribe_events(client.nodes.server, ua.NodeId("ResultReadyEventType", mv))
+            await sub.subscribe_events(client.nodes.server, ua.NodeId.from_string(f"ns={mv};s=ResultReadyEventType"))
             ready.set()
             while not stop.is_set():
                 await asyncio.sleep(0.05)

@@ -74,7 +74,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             dropped = daemon.stats.dropped
             await daemon.stop()
     idle, busy = percentiles(stored["idle"]), percentiles(stored["retraining"])
-    ratio = round(busy["p99"] / idle["p99"], 3) if idle["p99"] and busy["p99"] else None  # type: ignore[operator]
+    ratio = round(busy["p99"] / idle["p99"], 3) if idle["p99"] and busy["p99"] else None
     return {"benchmark": "retrain_load", "machine": machine(), "model": str(model), "rate_hz": args.rate,
             "stored_ms_idle": idle, "stored_ms_while_retraining": busy, "p99_ratio": ratio,
             "worker_nice": worker_nice, "worker_still_training_when_measured": still_training,

@@ -23,7 +23,11 @@ TIME_AXIS = alt.Axis(format={"seconds": "%H:%M:%S", "minutes": "%H:%M", "hours":
 """A 24-hour clock on every time axis (Vega's default reads '01 PM'), dates where a tick is a day."""
 
 
-def _style(chart: alt.Chart | alt.LayerChart, height: int = 300, rows: bool = False) -> alt.Chart | alt.LayerChart:
+AnyChart = alt.Chart | alt.LayerChart | alt.FacetChart
+"""What every function here returns: something ``st.altair_chart`` draws."""
+
+
+def _style(chart: AnyChart, height: int = 300, rows: bool = False) -> AnyChart:
     """``rows``: ``height`` is for the bands alone, the axis comes on top (Streamlit's default
     autosize fits the axis inside ``height``, which squeezes a chart of two classes flat)."""
     if rows:
@@ -45,7 +49,7 @@ def _frame(rows: list[dict[str, Any]], *times: str) -> pd.DataFrame:
     return df
 
 
-def disposition_mix(mix: dict[str, int]) -> alt.Chart:
+def disposition_mix(mix: dict[str, int]) -> AnyChart:
     """One horizontal bar split by disposition, in the fixed colours."""
     df = pd.DataFrame([{"disposition": d, "parts": mix.get(d, 0), "order": i}
                        for i, d in enumerate(DISPOSITIONS)])
@@ -59,7 +63,7 @@ def disposition_mix(mix: dict[str, int]) -> alt.Chart:
     return _style(chart, 110)
 
 
-def throughput(per_minute: list[dict[str, Any]]) -> alt.Chart:
+def throughput(per_minute: list[dict[str, Any]]) -> AnyChart:
     df = _frame(per_minute, "t")
     chart = alt.Chart(df).mark_bar(color=BLUE).encode(
         x=alt.X("t:T", title=None, axis=TIME_AXIS),
@@ -68,7 +72,7 @@ def throughput(per_minute: list[dict[str, Any]]) -> alt.Chart:
     return _style(chart, 220)
 
 
-def pareto(items: list[dict[str, Any]], type_head: str | None) -> alt.LayerChart:
+def pareto(items: list[dict[str, Any]], type_head: str | None) -> AnyChart:
     """Bars by count, most frequent first, with the cumulative share as a line on a second axis."""
     df = pd.DataFrame(items)
     order = list(df["label"]) if not df.empty else []
@@ -82,7 +86,7 @@ def pareto(items: list[dict[str, Any]], type_head: str | None) -> alt.LayerChart
     return _style(alt.layer(bars, line).resolve_scale(y="independent"))
 
 
-def control(points: list[dict[str, Any]], centre: float | None) -> alt.LayerChart:
+def control(points: list[dict[str, Any]], centre: float | None) -> AnyChart:
     """p-chart: the defect rate per subgroup, its 3σ limits (step lines), out-of-control points red."""
     df = _frame(points, "t")
     if df.empty:
@@ -106,7 +110,7 @@ def control(points: list[dict[str, Any]], centre: float | None) -> alt.LayerChar
     return _style(alt.layer(*layers), 320)
 
 
-def trend(points: list[dict[str, Any]], by: str | None) -> alt.Chart:
+def trend(points: list[dict[str, Any]], by: str | None) -> AnyChart:
     df = _frame(points, "t")
     if df.empty:
         df = pd.DataFrame({"t": [], "rate": [], "group": [], "n": []})
@@ -119,7 +123,7 @@ def trend(points: list[dict[str, Any]], by: str | None) -> alt.Chart:
     return _style(chart)
 
 
-def breakdown(groups: list[dict[str, Any]], by: str, centre: float | None) -> alt.LayerChart:
+def breakdown(groups: list[dict[str, Any]], by: str, centre: float | None) -> AnyChart:
     """Defect rate per group as bars, the overall rate as a rule.  A bar is red when its group is
     worse than chance explains: above the p-chart's upper limit p̄ + 3·√(p̄(1−p̄)/n) for its size."""
     df = pd.DataFrame(groups)
@@ -143,7 +147,7 @@ def breakdown(groups: list[dict[str, Any]], by: str, centre: float | None) -> al
 
 
 def severity(cells: list[dict[str, Any]], classes: list[str], type_head: str | None,
-             severity_head: str | None) -> alt.Chart:
+             severity_head: str | None) -> AnyChart:
     """Defective parts per defect type, stacked by severity (light to dark = mild to severe)."""
     df = pd.DataFrame(cells)
     if df.empty:
@@ -160,7 +164,7 @@ def severity(cells: list[dict[str, Any]], classes: list[str], type_head: str | N
     return _style(chart)
 
 
-def rate_by_value(variable: dict[str, Any], centre: float | None) -> alt.LayerChart:
+def rate_by_value(variable: dict[str, Any], centre: float | None) -> AnyChart:
     """Defect rate per bin of one process value; bar width = the bin, opacity = how many parts."""
     df = pd.DataFrame(variable.get("bins", []))
     if df.empty:
@@ -179,7 +183,7 @@ def rate_by_value(variable: dict[str, Any], centre: float | None) -> alt.LayerCh
     return _style(alt.layer(*layers), 280)
 
 
-def probabilities(classes: list[str], probs: list[float], chosen: str) -> alt.Chart:
+def probabilities(classes: list[str], probs: list[float], chosen: str) -> AnyChart:
     df = pd.DataFrame({"class": classes, "p": probs})
     df["top"] = df["class"] == chosen
     chart = alt.Chart(df).mark_bar().encode(
@@ -192,7 +196,7 @@ def probabilities(classes: list[str], probs: list[float], chosen: str) -> alt.Ch
     return _style(alt.layer(chart, text), 32 * len(classes), rows=True)
 
 
-def hold_curve(curve: dict[str, list[Any]], setting: float, classes: int) -> alt.LayerChart:
+def hold_curve(curve: dict[str, list[Any]], setting: float, classes: int) -> AnyChart:
     """Per ``min_confidence``: the share of parts held and the accuracy on the parts decided, with the
     line's setting as a rule.  Thresholds below 1/classes hold nothing, so the axis starts there."""
     start = int(100 / classes) / 100
@@ -212,7 +216,7 @@ def hold_curve(curve: dict[str, list[Any]], setting: float, classes: int) -> alt
     return _style(alt.layer(lines, rule), 260)
 
 
-def confusion(matrix: list[list[int]], classes: list[str]) -> alt.LayerChart:
+def confusion(matrix: list[list[int]], classes: list[str]) -> AnyChart:
     rows = [{"truth": t, "predicted": p, "n": matrix[i][j]}
             for i, t in enumerate(classes) for j, p in enumerate(classes)]
     df = pd.DataFrame(rows)

@@ -101,7 +101,8 @@ def overview(models: dict[str, Any]) -> None:
     rows = []
     for m in models["models"]:
         gate = m.get("gate")
-        latest = (evaluations(m) or [None])[-1]  # the held-out test set once the gate has run
+        measured = evaluations(m)
+        latest = measured[-1] if measured else None  # the held-out test set once the gate has run
         rows.append({
             "version": m["version"],
             "serving": "● serving" if m["serving"] else ("shadow" if m["shadow"] else ""),

@@ -7,6 +7,7 @@ only after someone else verifies it (the API refuses self-verification).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -126,7 +127,7 @@ def verification(me: str) -> None:
         c[1].markdown(f"by **{label['labelled_by']}**")
         c[2].markdown(ui.when(label["labelled_at"]))
         verify = c[3].button("Verify", key=f"verify_{label['label_id']}")
-        if verify and ui.call(lambda lid=label["label_id"]: api.post(f"/labels/{lid}/verify"), "verify the label"):
+        if verify and ui.call(partial(api.post, f"/labels/{label['label_id']}/verify"), "verify the label"):
             st.session_state["review_notice"] = f"Verified {label['head']} = {label['label']}"
             st.rerun()
 

@@ -105,7 +105,7 @@ with right:
             st.info("No defective parts in this selection.")
 
 st.subheader("Defect rate by …")
-by = st.segmented_control("Group by", list(DIMENSIONS), format_func=DIMENSIONS.get, default="camera_view",
+by = st.segmented_control("Group by", list(DIMENSIONS), format_func=lambda d: DIMENSIONS[d], default="camera_view",
                           key="rc_by", required=True, label_visibility="collapsed") or "camera_view"
 left, right = st.columns([1.4, 1])
 with left:
