@@ -143,8 +143,11 @@ async def test_holds_and_audit_samples_waiting_are_counted_apart(tmp_path: Path,
             queue = (await api.get("/review/queue")).json()
             held = next(r for r in queue["results"] if r["review"] == "hold")
             await api.post(f"/results/{held['result_id']}/labels", json={"labels": {"defect_grade": "0"}})
-            await asyncio.sleep(1.5)  # the daemon refreshes these gauges in its supervision loop
-            health = (await api.get("/health")).json()
+            for _ in range(100):  # the daemon refreshes these gauges in its supervision loop (~1 s)
+                health = (await api.get("/health")).json()
+                if (health["holds_waiting"], health["audits_waiting"]) == (3, 2):
+                    break
+                await asyncio.sleep(0.1)
             metrics = (await api.get("/metrics")).text
             live = (await api.get("/analytics/live")).json()
     finally:
