@@ -188,6 +188,40 @@ def evaluate(
     _user_errors(go)
 
 
+@app.command("learning-curve")
+def learning_curve_cmd(
+    data: Annotated[Path, typer.Option(help="Dataset folder with a train and a test split.")],
+    head: Annotated[str | None, typer.Option(help="Head to measure (default: the dataset's first).")] = None,
+    per_class: Annotated[list[int] | None, typer.Option(
+        help="Labelled images per class; repeat for more budgets (default 25, 50, 100, 200).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Seed; repeat for more (default 0 and 1).")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML file with TrainRecipe settings.")] = None,
+    line_mix: Annotated[bool, typer.Option(
+        help="Give the head the class mix of the whole training split as its line frequencies.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Also write the whole report here as JSON.")] = None,
+) -> None:
+    """How many labels a head needs: train on 25/50/100/200 per class, score the test split; last line is JSON."""
+    _user_errors(_need_training_extra)
+    from appliance.training import learning_curve
+    from appliance.training.recipe import TrainRecipe
+    from appliance.yamlio import load_validated
+
+    def progress(p: dict[str, Any]) -> None:
+        typer.echo(f"{p['per_class']}/class seed {p['seed']}: {p['labelled_images']} images, "
+                   f"accuracy {p['accuracy']:.4f}, macro-F1 {p['macro_f1']:.4f} ({p['training_seconds']:.0f} s)")
+
+    def go() -> None:
+        report = learning_curve.measure(
+            data, head, tuple(per_class or learning_curve.BUDGETS), tuple(seed or (0, 1)),
+            load_validated(recipe, TrainRecipe) if recipe else None, line_mix, progress)
+        typer.echo(learning_curve.to_text(report["head"], report["summary"]))
+        if out is not None:
+            out.write_text(json.dumps(report, indent=2))
+        typer.echo(json.dumps({"head": report["head"], "summary": report["summary"]}))
+
+    _user_errors(go)
+
+
 @app.command()
 def predict(
     model: Annotated[Path, typer.Option(help="Model package folder.")],

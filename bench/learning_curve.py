@@ -15,6 +15,9 @@ knows of its defect rates), and the model's probabilities are shifted to it in t
 accuracy (mean recall over grades) and macro-F1 weigh every grade alike; accuracy weighs them as
 the line does.
 
+The measuring is :mod:`appliance.training.learning_curve`, which ``appliance learning-curve`` runs
+on a user's own dataset; this benchmark adds ELPV's binary accuracy and keeps both settings.
+
     python -m bench.learning_curve                       # 25/50/100/200 per class, seeds 0 and 1
     python -m bench.learning_curve --per-class 25 50 --seeds 0
     python -m bench.learning_curve --no-line-mix         # without the line's class frequencies
@@ -26,85 +29,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from appliance.dataset import Dataset, HeadSpec, Sample, load_dataset, write_dataset
-from appliance.training.evaluate import evaluate_model
+from appliance.training import learning_curve
 from appliance.training.recipe import TrainRecipe
-from appliance.training.train import train_model
 from bench.common import RESULTS, machine, write_result
 from bench.elpv import DEFAULT_DATA, GRADE_HEAD, binary_accuracy, ensure_dataset
 
 
-def subset(dataset: Dataset, per_class: int, seed: int) -> list[Sample]:
-    """``per_class`` random training rows per grade (fewer where a grade has fewer)."""
-    by_grade: dict[str, list[Sample]] = defaultdict(list)
-    for s in dataset.split("train"):
-        by_grade[s.labels[GRADE_HEAD]].append(s)
-    rng = np.random.default_rng(seed)
-    picked: list[Sample] = []
-    for grade in sorted(by_grade):
-        rows = by_grade[grade]
-        picked += [rows[i] for i in sorted(rng.permutation(len(rows))[:per_class])]
-    return picked
-
-
-def line_mix(dataset: Dataset) -> list[HeadSpec]:
-    """The heads with the grade mix of the whole training split as the line's class frequencies
-    (what a plant knows of its own defect rates)."""
-    train = dataset.split("train")
-    return [h.model_copy(update={"line_frequencies": {c: sum(1 for s in train if s.labels.get(h.name) == c)
-                                                      for c in h.classes}})
-            if h.name == GRADE_HEAD else h for h in dataset.heads]
-
-
 def run_point(data: Path, per_class: int, seed: int, recipe: TrainRecipe, use_line_mix: bool) -> dict:
-    dataset = load_dataset(data)
-    train_rows = subset(dataset, per_class, seed)
-    heads = line_mix(dataset) if use_line_mix else dataset.heads
-    with tempfile.TemporaryDirectory(prefix="learning-curve-") as tmp:
-        root = Path(tmp) / "data"
-        root.mkdir()
-        (root / "images").symlink_to((data / "images").resolve(), target_is_directory=True)
-        rows = [Sample(root / s.image.relative_to(data), s.labels, s.split)
-                for s in train_rows + dataset.split("test")]
-        write_dataset(root, heads, rows, name=f"ELPV {per_class}/class seed {seed}")
-        t0 = time.perf_counter()
-        train_model(root, Path(tmp) / "model", recipe.model_copy(update={"seed": seed}), progress=False)
-        seconds = time.perf_counter() - t0
-        grade = evaluate_model(Path(tmp) / "model", root, split="test").summary()["heads"][GRADE_HEAD]
-    counts = {g: sum(1 for s in train_rows if s.labels[GRADE_HEAD] == g) for g in grade["classes"]}
-    return {
-        "per_class": per_class, "seed": seed, "labelled_images": len(train_rows), "per_grade": counts,
-        "accuracy_4level": round(grade["accuracy"], 4), "macro_f1": round(grade["macro_f1"], 4),
-        "binary_accuracy": round(binary_accuracy(np.array(grade["confusion"]), grade["classes"]), 4),
-        "recall": {c: None if r is None else round(r, 4) for c, r in grade["recall"].items()},
-        "training_seconds": round(seconds, 1),
-    }
+    """One point of :func:`appliance.training.learning_curve.run_point` on the grade head, with
+    ELPV's binary accuracy (defective = grade ≥ 1/2) beside the 4-level one."""
+    point = learning_curve.run_point(data, GRADE_HEAD, per_class, seed, recipe, use_line_mix)
+    point["accuracy_4level"] = point.pop("accuracy")
+    point["binary_accuracy"] = round(binary_accuracy(np.array(point["confusion"]), point["classes"]), 4)
+    return point
 
 
 def summarise(points: list[dict]) -> list[dict]:
-    """Mean and spread over seeds, per budget."""
-    out = []
-    for per_class in sorted({p["per_class"] for p in points}):
-        group = [p for p in points if p["per_class"] == per_class]
-        acc = np.array([p["accuracy_4level"] for p in group])
-        f1 = np.array([p["macro_f1"] for p in group])
-        balanced = np.array([np.mean([r for r in p["recall"].values() if r is not None]) for p in group])
-        out.append({"per_class": per_class, "labelled_images": group[0]["labelled_images"], "runs": len(group),
-                    "accuracy_4level_mean": round(float(acc.mean()), 4),
-                    "accuracy_4level_min": round(float(acc.min()), 4),
-                    "accuracy_4level_max": round(float(acc.max()), 4),
-                    "macro_f1_mean": round(float(f1.mean()), 4),
-                    "balanced_accuracy_mean": round(float(balanced.mean()), 4),
-                    "binary_accuracy_mean": round(float(np.mean([p["binary_accuracy"] for p in group])), 4),
-                    "training_seconds_mean": round(float(np.mean([p["training_seconds"] for p in group])), 1)})
-    return out
+    return learning_curve.summarise(points, metrics=("accuracy_4level", "macro_f1", "binary_accuracy"))
 
 
 def main() -> None:

@@ -282,3 +282,32 @@ def test_views_follow_the_recipe_and_brightness_gains_clip() -> None:
     assert brighter.dtype == np.uint8 and brighter.tolist() == [[[255, 200, 0]]]  # mirrored, clipped
     with pytest.raises(ValueError, match="brightness_gains"):
         TrainRecipe(brightness_gains=[0.0])
+
+
+@pytest.mark.slow
+def test_learning_curve_of_a_users_own_head(dataset: Path, tmp_path: Path) -> None:
+    """`appliance learning-curve` picks N labels per class of the chosen head, trains, scores the
+    test split, and says so per budget; a head the dataset lacks is refused by name."""
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY.model_dump()))  # JSON is YAML
+    report_file = tmp_path / "curve.json"
+    result = CliRunner().invoke(app, ["learning-curve", "--data", str(dataset), "--head", "severity",
+                                      "--per-class", "4", "--per-class", "30", "--seed", "0",
+                                      "--recipe", str(recipe), "--out", str(report_file)])
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.output.strip().splitlines()[-1])
+    report = json.loads(report_file.read_text())
+    assert last["head"] == report["head"] == "severity"
+    # 24 training rows of each severity: a budget of 30 takes them all
+    assert [(s["per_class"], s["labelled_images"], s["runs"]) for s in last["summary"]] == [(4, 8, 1), (30, 48, 1)]
+    assert [p["per_label"] for p in report["points"]] == [{"minor": 4, "major": 4}, {"minor": 24, "major": 24}]
+    assert all(p["test_images"] == 16 for p in report["points"]), "the 16 test rows with a severity"
+    assert all(0.0 <= s["accuracy_mean"] <= 1.0 for s in last["summary"])
+    assert "severity: accuracy on the test split" in result.output
+
+    unknown = CliRunner().invoke(app, ["learning-curve", "--data", str(dataset), "--head", "colour"])
+    assert unknown.exit_code == 2 and "no head 'colour'" in unknown.output and "Traceback" not in unknown.output
