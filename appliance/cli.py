@@ -212,7 +212,7 @@ def learning_curve_cmd(
 
     def go() -> None:
         report = learning_curve.measure(
-            data, head, tuple(per_class or learning_curve.BUDGETS), tuple(seed or (0, 1)),
+            data, head, tuple(per_class or learning_curve.BUDGETS), tuple(seed or learning_curve.SEEDS),
             load_validated(recipe, TrainRecipe) if recipe else None, line_mix, progress)
         typer.echo(learning_curve.to_text(report["head"], report["summary"]))
         if out is not None:

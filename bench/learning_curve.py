@@ -33,16 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.dataset import Dataset, load_dataset
 from appliance.training import learning_curve
 from appliance.training.recipe import TrainRecipe
 from bench.common import RESULTS, machine, write_result
 from bench.elpv import DEFAULT_DATA, GRADE_HEAD, binary_accuracy, ensure_dataset
 
 
-def run_point(data: Path, per_class: int, seed: int, recipe: TrainRecipe, use_line_mix: bool) -> dict:
+def run_point(dataset: Dataset, per_class: int, seed: int, recipe: TrainRecipe, use_line_mix: bool) -> dict:
     """One point of :func:`appliance.training.learning_curve.run_point` on the grade head, with
     ELPV's binary accuracy (defective = grade ≥ 1/2) beside the 4-level one."""
-    point = learning_curve.run_point(data, GRADE_HEAD, per_class, seed, recipe, use_line_mix)
+    point = learning_curve.run_point(dataset, GRADE_HEAD, per_class, seed, recipe, use_line_mix)
     point["accuracy_4level"] = point.pop("accuracy")
     point["binary_accuracy"] = round(binary_accuracy(np.array(point["confusion"]), point["classes"]), 4)
     return point
@@ -61,12 +62,12 @@ def main() -> None:
                         help="give the grade head the line's class frequencies (dataset.yaml line_frequencies)")
     args = parser.parse_args()
     setting = "line_mix" if args.line_mix else "training_mix"
-    data = ensure_dataset(args.data)
+    dataset = load_dataset(ensure_dataset(args.data))
     recipe = TrainRecipe()
     points = []
     for per_class in args.per_class:
         for seed in args.seeds:
-            point = run_point(data, per_class, seed, recipe, args.line_mix)
+            point = run_point(dataset, per_class, seed, recipe, args.line_mix)
             points.append(point)
             print(f"{per_class:>4}/class seed {seed}: {point['labelled_images']:>4} images  "
                   f"4-level {point['accuracy_4level']:.4f}  macro-F1 {point['macro_f1']:.4f}  "

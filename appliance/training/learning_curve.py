@@ -29,6 +29,7 @@ from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
 
 BUDGETS = (25, 50, 100, 200)
+SEEDS = (0, 1)
 DATASET_FILES = ("labels.csv", "dataset.yaml")
 
 
@@ -63,11 +64,11 @@ def check(dataset: Dataset, head: str) -> None:
                         "in labels.csv (the test rows score every point)")
 
 
-def run_point(data: Path, head: str, per_class: int, seed: int, recipe: TrainRecipe,
+def run_point(dataset: Dataset, head: str, per_class: int, seed: int, recipe: TrainRecipe,
               line_mix: bool) -> dict[str, Any]:
-    """Train on ``per_class`` labels per class of ``head`` and score the test split."""
-    dataset = load_dataset(data)
-    check(dataset, head)
+    """Train on ``per_class`` labels per class of ``head`` and score the test split (a dataset
+    :func:`check` has passed)."""
+    data = dataset.root
     train_rows = subset(dataset, head, per_class, seed)
     heads = with_line_mix(dataset, head) if line_mix else dataset.heads
     with tempfile.TemporaryDirectory(prefix="learning-curve-") as tmp:
@@ -121,7 +122,7 @@ def to_text(head: str, summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure(data: Path, head: str | None, budgets: tuple[int, ...] = BUDGETS, seeds: tuple[int, ...] = (0, 1),
+def measure(data: Path, head: str | None, budgets: tuple[int, ...] = BUDGETS, seeds: tuple[int, ...] = SEEDS,
             recipe: TrainRecipe | None = None, line_mix: bool = True,
             on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every budget × seed; ``head`` defaults to the dataset's first.  ``on_point(point)`` is
@@ -133,7 +134,7 @@ def measure(data: Path, head: str | None, budgets: tuple[int, ...] = BUDGETS, se
     points = []
     for per_class in budgets:
         for seed in seeds:
-            points.append(run_point(data, head, per_class, seed, recipe, line_mix))
+            points.append(run_point(dataset, head, per_class, seed, recipe, line_mix))
             if on_point is not None:
                 on_point(points[-1])
     return {"dataset": str(data), "head": head, "line_mix": line_mix, "recipe": recipe.model_dump(),
