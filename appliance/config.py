@@ -100,7 +100,13 @@ class ModelConfig(Strict):
     path: Path | None = Field(
         default=None,
         description="A model package folder to serve. If absent, the registry's champion is served.")
-    intra_op_threads: int = Field(default=2, ge=1, le=64, description="onnxruntime threads per inference.")
+    inference_workers: int = Field(
+        default=2, ge=1, le=16,
+        description="Frames classified at the same time, each on its own thread; results are still "
+                    "stored and published in camera order. On 2 cores, 2 workers of 1 thread classify "
+                    "about a third more parts per second than 1 worker of 2 threads, at the same latency.")
+    intra_op_threads: int = Field(default=1, ge=1, le=64,
+                                  description="onnxruntime threads per inference (per worker).")
     warmup_runs: int = Field(default=3, ge=0, le=100, description="Inferences run at load, before serving.")
     spin_wait: bool = Field(
         default=False,

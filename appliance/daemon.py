@@ -204,7 +204,8 @@ class Daemon:
         self.source_done = False
         self.api_port: int | None = None
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=config.camera.queue_size)
-        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._infer_pool = ThreadPoolExecutor(max_workers=config.model.inference_workers,
+                                              thread_name_prefix="inference")
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._api: Any = None
@@ -481,30 +482,43 @@ class Daemon:
                     log.warning("classifier busy: %d frames dropped so far", self.stats.dropped)
 
     async def _judge_loop(self) -> None:
-        """Judge frames in order; a part's commit overlaps the next part's inference.
+        """Classify up to ``model.inference_workers`` frames at once; store and publish in camera order.
 
-        At most one commit is in flight and each waits for the one before, so results are still
-        stored and published in acquisition order.
+        A frame leaves the camera queue only when an inference thread is free, so a busy line still
+        drops (and counts) at the queue.  The committer takes results in the order the frames were
+        dispatched: results are stored and published in acquisition order, and a part's commit
+        overlaps the next parts' inference.
         """
         loop = asyncio.get_running_loop()
-        committing: asyncio.Task[None] | None = None
-        while (frame := await self._queue.get()) is not None:
+        workers = self.config.model.inference_workers
+        free = asyncio.Semaphore(workers)
+        judged: asyncio.Queue[tuple[Frame, asyncio.Future[PartResult]] | None] = asyncio.Queue(workers)
+        committer = asyncio.create_task(self._commit_in_order(judged), name="commit")
+        while True:
+            await free.acquire()
+            if (frame := await self._queue.get()) is None:
+                break
             dequeued_ns = time.perf_counter_ns()
             classifier = self.classifier  # a model swap takes effect between two frames
             assert classifier is not None
+            future = loop.run_in_executor(self._infer_pool, self._judge, frame, classifier, dequeued_ns)
+            future.add_done_callback(lambda _: free.release())
+            await judged.put((frame, future))
+        await judged.put(None)
+        await committer
+
+    async def _commit_in_order(
+            self, judged: asyncio.Queue[tuple[Frame, asyncio.Future[PartResult]] | None]) -> None:
+        while (item := await judged.get()) is not None:
+            frame, future = item
             try:
-                result = await loop.run_in_executor(self._infer_pool, self._judge, frame, classifier,
-                                                    dequeued_ns)
+                result = await future
             except Exception:  # a bug must cost one part, never the line (the PLC would see "ready")
                 log.exception("part from %s could not be judged; it is dropped and counted", frame.source_ref)
                 self.stats.dropped += 1
                 self.metrics.dropped.inc()
                 continue
-            if committing is not None:
-                await committing
-            committing = asyncio.create_task(self._commit(result, frame), name="commit")
-        if committing is not None:
-            await committing
+            await self._commit(result, frame)
 
     def _judge(self, frame: Frame, classifier: Classifier, dequeued_ns: int) -> PartResult:
         batch, part_id, process_values = frame.meta.get("context") or (self.context.batch, None, {})

@@ -110,7 +110,7 @@ def run_rate(base_cfg: Path, model: Path, replay: Path, rate: float, seconds: fl
         cfg = yaml.load(base_cfg.read_text())
         cfg["state_dir"] = str(tmp / "state")
         cfg["camera"]["replay"].update({"path": str(replay), "rate_hz": rate, "loop": True})
-        cfg["model"] = {"path": str(model), "intra_op_threads": 2}
+        cfg["model"]["path"] = str(model)
         cfg["api"]["port"], cfg["opcua"]["port"], cfg["modbus"]["port"] = (
             ports["api"], ports["opcua"], ports["modbus"])
         cfg["logging"]["level"] = "warning"

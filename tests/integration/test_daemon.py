@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import duckdb
 import httpx
 import pytest
 
+from appliance import daemon as daemon_module
 from appliance.daemon import Daemon
+from appliance.inference import Classifier
 from tests.conftest import auth_headers, write_grade_images
 
 GRADES = ["0", "1/3", "2/3", "1", "0", "0", "1", "1/3"]
@@ -213,5 +216,46 @@ async def test_results_are_stored_and_published_in_camera_order_though_commits_o
         await daemon.wait_for_results(len(paths), timeout=30)
     finally:
         await daemon.stop()
+    assert [part for _, part in published] == [p.stem for p in paths]
+    assert [seq for seq, _ in published] == list(range(1, len(paths) + 1))
+
+
+async def test_parallel_inference_still_stores_and_publishes_in_camera_order(
+        tmp_path: Path, line_config, monkeypatch) -> None:
+    """Two frames are classified at once and a slow one is overtaken by the next; the PLC must
+    still see the parts in the order the camera took them, each once, with rising seq."""
+    running, most, calls = 0, 0, 0
+    lock = threading.Lock()
+
+    class UnevenClassifier(Classifier):
+        def classify(self, image):  # every third frame is slow, so its successor finishes first
+            nonlocal running, most, calls
+            with lock:
+                running, calls = running + 1, calls + 1
+                most, slow = max(most, running), calls % 3 == 1
+            try:
+                time.sleep(0.03 if slow else 0.0)
+                return super().classify(image)
+            finally:
+                with lock:
+                    running -= 1
+
+    monkeypatch.setattr(daemon_module, "Classifier", UnevenClassifier)
+    images = tmp_path / "images"
+    paths = write_grade_images(images, GRADES * 3)
+    daemon = Daemon(line_config(images, camera={"queue_size": 64},
+                                model={"inference_workers": 2, "intra_op_threads": 1}))
+    published: list[tuple[int, str]] = []
+
+    async def publisher(result) -> None:
+        published.append((result.seq, result.part_id))
+
+    daemon.publishers.append(publisher)
+    await daemon.start()
+    try:
+        await daemon.wait_for_results(len(paths), timeout=30)
+    finally:
+        await daemon.stop()
+    assert most == 2  # the two workers did overlap
     assert [part for _, part in published] == [p.stem for p in paths]
     assert [seq for seq, _ in published] == list(range(1, len(paths) + 1))
