@@ -50,6 +50,14 @@ def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to val
                f"from {config.camera.source}, state in {config.state_dir})")
 
 
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print every configuration key with its type, default, limits and meaning (Markdown)."""
+    from appliance.config_reference import render
+
+    typer.echo(render(), nl=False)
+
+
 @app.command()
 def run(config: Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")] = DEFAULT_CONFIG,
         ) -> None:

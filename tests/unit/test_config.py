@@ -1,10 +1,13 @@
+import re
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from appliance.cli import app
-from appliance.config import load_config
+from appliance.config import AppConfig, load_config
 from appliance.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,3 +112,40 @@ def test_train_recipe_errors_name_the_key_and_line(tmp_path: Path) -> None:
     assert f"{recipe}:2: epochz: unknown key" in result.output
     assert f"{recipe}:5: inference_flips:" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "pkg").exists(), "nothing trained"
+
+
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """(section, key) for every key of the config tree, lists of sections as ``name[]``."""
+    out = []
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        out.append((prefix.rstrip("."), key))
+        for t in (info.annotation, *get_args(info.annotation)):
+            many = get_origin(t) is list
+            item = get_args(t)[0] if many else t
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                out += _key_paths(item, f"{prefix}{key}{'[]' if many else ''}.")
+                break
+    return out
+
+
+def test_configuration_reference_is_current_and_names_every_key(monkeypatch) -> None:
+    """docs/configuration.md is what `appliance config-reference` prints (whatever the machine's
+    environment), and lists every key of every section with its real default and limits."""
+    monkeypatch.setenv("STATE_DIRECTORY", "/somewhere/else")
+    printed = CliRunner().invoke(app, ["config-reference"])
+    assert printed.exit_code == 0, printed.output
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert printed.output == committed, "run: appliance config-reference > docs/configuration.md"
+
+    sections = {title: body for title, body in
+                re.findall(r"^## (?:`([^`]+)`|Top level)\n(.*?)(?=^## |\Z)", committed, re.S | re.M)}
+    paths = _key_paths(AppConfig)
+    assert len(paths) > 90
+    for section, key in paths:
+        assert section in sections, f"no section for {section}"
+        assert f"| `{key}` |" in sections[section], f"{section}.{key} missing"
+    assert "| `queue_size` | int | `8` | 1 ≤ x ≤ 1024 |" in sections["camera"]
+    assert "| `inference_workers` | int | `2` | 1 ≤ x ≤ 16 |" in sections["model"]
+    assert "| `name` | str | **required** | 1–64 characters |" in sections["disposition.rules[]"]
+    assert "Without this section: `enabled: false`." in sections["modbus"]
