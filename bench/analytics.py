@@ -62,7 +62,8 @@ def synthesize(n: int, seed: int = 7) -> tuple[pa.Table, pa.Table]:
     view = rng.choice(["top", "side"], n, p=[0.5, 0.5])
     asset = np.where(rng.random(n) < 0.5, "station-7", "station-8")
     batch_no = np.arange(n) // 5000
-    bad_batch = np.isin(batch_no, rng.choice(batch_no.max() + 1, 6, replace=False))
+    batches = int(batch_no.max()) + 1
+    bad_batch = np.isin(batch_no, rng.choice(batches, min(6, max(1, batches // 2)), replace=False))
     hot = np.clip(temperature - 180, 0, None)
     p_defect = 0.03 + 0.012 * hot + 0.05 * bad_batch + 0.01 * (asset == "station-8")
     defective = rng.random(n) < p_defect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,8 +42,17 @@ def percentiles(values: list[float]) -> dict[str, Any]:
             "p99": round(float(np.percentile(arr, 99)), 3), "max": round(float(arr.max()), 3)}
 
 
+def cpu_model() -> str:
+    """The CPU's name (/proc/cpuinfo): the sessions' machines differ, and so do their timings."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "cpu": cpu_model(),
             "python": platform.python_version(), "load_average_1m": round(os.getloadavg()[0], 2)}
 
 

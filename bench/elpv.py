@@ -35,6 +35,7 @@ from appliance.training.evaluate import HeadReport, evaluate_model
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
 from appliance.yamlio import load_validated
+from bench.common import cpu_model
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "var" / "datasets" / "elpv"
@@ -109,7 +110,7 @@ def run(data: Path, recipe: TrainRecipe, package: Path | None, label: str) -> di
     result = {
         "variant": label,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                     "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
         "protocol": "ELPV, stratified (grade, type) 75/25 split seed 0; test split via Classifier",
         "recipe": recipe.model_dump(),

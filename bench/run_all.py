@@ -103,7 +103,7 @@ def render() -> Path:
         "# Benchmark results",
         "",
         f"Rendered {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `python -m bench.run_all` on "
-        f"{machine()['cpus']} CPU cores ({machine()['processor']}). Each row is read from "
+        f"{machine()['cpus']} CPU cores ({machine()['cpu']}). Each row is read from "
         "`bench/results/<benchmark>.json`; see each file for the full figures and the machine load "
         "when it ran.",
         "",
