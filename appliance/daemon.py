@@ -243,9 +243,10 @@ class Daemon:
             raise
         self.running = self._started = True
         notify("READY=1", f"STATUS=line running, model {self.classifier.version}")
-        log.info("line running: model %s, camera '%s' (%s), API http://%s:%s",
-                 self.classifier.version, self.config.camera.view, self.config.camera.source,
-                 self.config.api.host, self.api_port)
+        m = self.config.model
+        log.info("line running: model %s (%d inference worker(s) x %d thread(s)), camera '%s' (%s), "
+                 "API http://%s:%s", self.classifier.version, m.inference_workers, m.intra_op_threads,
+                 self.config.camera.view, self.config.camera.source, self.config.api.host, self.api_port)
 
     def _load_model(self) -> Classifier:
         path = self.registry.champion_path()
