@@ -21,6 +21,7 @@ import numpy as np
 
 from appliance.config import RetentionConfig
 from appliance.imageio import encode_png
+from appliance.priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class ImageArchive:
         return self.low_disk
 
     def _run(self) -> None:
+        lower_this_thread()  # encoding and writing images can wait; the line cannot
         while (item := self._queue.get()) is not None:
             path, payload = item
             try:

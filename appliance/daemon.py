@@ -33,6 +33,7 @@ from appliance.gate import GateVerdict, run_gate
 from appliance.image_health import ImageHealth
 from appliance.inference import BadImage, Classifier
 from appliance.metrics import LineMetrics
+from appliance.priority import background_executor
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult, head_results, new_result_id
 from appliance.retrain import Retrainer
@@ -43,6 +44,8 @@ from appliance.store import Store
 log = logging.getLogger(__name__)
 
 Publisher = Callable[[PartResult], Awaitable[None]]
+BACKGROUND_WORKERS = 6
+"""Threads for asyncio.to_thread work, as asyncio's own default on 2 cores (cores + 4)."""
 LATENCY_WINDOW = 2048
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 30.0
@@ -206,6 +209,7 @@ class Daemon:
         self._queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=config.camera.queue_size)
         self._infer_pool = ThreadPoolExecutor(max_workers=config.model.inference_workers,
                                               thread_name_prefix="inference")
+        self._background = background_executor(BACKGROUND_WORKERS)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._api: Any = None
@@ -217,6 +221,9 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bring everything up; on any failure, undo what already started and re-raise."""
+        # asyncio.to_thread work (API and dashboard queries, PLC result queries, model loading)
+        # yields the CPU to the line: see appliance.priority
+        asyncio.get_running_loop().set_default_executor(self._background)
         try:
             self.classifier = await asyncio.to_thread(self._load_model)
             self.store.open()

@@ -4,9 +4,7 @@ it: when the challenger falls behind, frames are skipped (and counted)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -15,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from appliance.inference import BadImage, Classifier
+from appliance.priority import lower_this_thread
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,7 @@ class ShadowRunner:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        # Linux threads are tasks: lower this one's priority below the line's inference thread
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        lower_this_thread()  # below the line's inference workers
         rows: list[dict[str, Any]] = []
         last_flush = time.monotonic()
         while True:

@@ -26,6 +26,7 @@ import pyarrow as pa
 from appliance.config import DUCKDB_MAX_SPILL_MB, DUCKDB_MEMORY_LIMIT_MB, DUCKDB_THREADS
 from appliance.errors import UserError
 from appliance.journal import Journal
+from appliance.priority import at_background_priority, lower_this_thread
 from appliance.result import PartResult, new_result_id
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,9 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._con = duckdb.connect(str(self.db_path), config=self.duckdb_config())
+        try:  # DuckDB's worker threads inherit the opener's priority: open it at background priority
+            self._con = at_background_priority(lambda: duckdb.connect(str(self.db_path),
+                                                                      config=self.duckdb_config()))
         except duckdb.IOException as exc:
             raise UserError(
                 f"{self.db_path}: cannot open the result database ({exc}); is another daemon running?"
@@ -225,6 +227,7 @@ class Store:
         await done
 
     def _ingest_loop(self) -> None:
+        lower_this_thread()  # results are published once journaled; ingest into DuckDB can wait
         while not self._stop.wait(self.ingest_interval_s):
             try:
                 self.flush()
