@@ -34,6 +34,22 @@ def line_and_model(args: argparse.Namespace) -> tuple[AppConfig, Path, Path]:
     return cfg, model.resolve(), cfg.resolve(cfg.camera.replay.path).resolve()
 
 
+def bench_line(base: AppConfig, model: Path | None, replay: Path, state_dir: Path,
+               rate: float | None = None) -> AppConfig:
+    """The configured line as the benchmarks run it in-process: ``model`` served (None: the
+    registry's champion), API on a free port, PLC servers off, replaying ``replay`` (looping, at
+    ``rate`` if given), state in ``state_dir``."""
+    assert base.camera.replay is not None
+    replay_update: dict[str, Any] = {"path": replay} | ({"rate_hz": rate, "loop": True} if rate else {})
+    return base.model_copy(update={
+        "state_dir": state_dir, "model": base.model.model_copy(update={"path": model}),
+        "api": base.api.model_copy(update={"port": 0}),
+        "opcua": base.opcua.model_copy(update={"enabled": False}),
+        "modbus": base.modbus.model_copy(update={"enabled": False}),
+        "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(update=replay_update)}),
+    })
+
+
 def percentiles(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0, "p50": None, "p99": None, "max": None}

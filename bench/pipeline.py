@@ -36,7 +36,7 @@ from appliance.daemon import Daemon
 from appliance.imageio import read_image
 from appliance.inference import Classifier
 from appliance.result import STAGES, PartResult
-from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
+from bench.common import bench_line, line_and_model, line_arguments, machine, percentiles, write_result
 
 
 def bare_model(model: Path, images: list[np.ndarray], n: int, threads: int, workers: int, spin: bool,
@@ -127,14 +127,7 @@ def main() -> None:
     paths = [p for p, _ in list_images(base.camera.replay.model_copy(update={"path": replay_path}))][:300]
     images = [read_image(p) for p in paths]
 
-    cfg = base.model_copy(update={
-        "model": base.model.model_copy(update={"path": model}),
-        "api": base.api.model_copy(update={"port": 0}),
-        "opcua": base.opcua.model_copy(update={"enabled": False}),
-        "modbus": base.modbus.model_copy(update={"enabled": False}),
-        "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(
-            update={"path": replay_path})}),
-    })
+    cfg = bench_line(base, model, replay_path, base.state_dir)  # run_fresh gives each run its own state
     m = cfg.model
     bare = bare_model(model, images, args.frames, m.intra_op_threads, m.inference_workers, m.spin_wait)
     bare_at_line_rate = bare_model(model, images, args.line_frames, m.intra_op_threads,

@@ -21,7 +21,7 @@ from pathlib import Path
 from appliance.daemon import Daemon
 from appliance.result import PartResult
 from appliance.retrain import build_training_set, lower_priority
-from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
+from bench.common import bench_line, line_and_model, line_arguments, machine, percentiles, write_result
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -29,14 +29,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     assert base.camera.replay is not None
     dataset = base.resolve(base.registry.base_dataset or base.camera.replay.path).resolve()
     with tempfile.TemporaryDirectory(prefix="bench-retrain-") as tmp:
-        cfg = base.model_copy(update={
-            "state_dir": Path(tmp) / "state", "model": base.model.model_copy(update={"path": model}),
-            "api": base.api.model_copy(update={"port": 0}),
-            "opcua": base.opcua.model_copy(update={"enabled": False}),
-            "modbus": base.modbus.model_copy(update={"enabled": False}),
-            "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(
-                update={"path": replay, "rate_hz": args.rate, "loop": True})}),
-        })
+        cfg = bench_line(base, model, replay, Path(tmp) / "state", args.rate)
         job = Path(tmp) / "job"
         build_training_set(job, dataset, [], Path(tmp), {})
         (job / "job.json").write_text(json.dumps({"parent_version": None, "recipe": {}}))

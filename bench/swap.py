@@ -23,7 +23,7 @@ from appliance.daemon import Daemon
 from appliance.model_package import CARD_FILE
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult
-from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
+from bench.common import bench_line, line_and_model, line_arguments, machine, percentiles, write_result
 
 
 def twin_versions(model: Path, models_dir: Path) -> list[str]:
@@ -47,14 +47,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-swap-") as tmp:
         state = Path(tmp) / "state"
         versions = twin_versions(model, state / "models")
-        cfg = base.model_copy(update={
-            "state_dir": state, "model": base.model.model_copy(update={"path": None}),
-            "api": base.api.model_copy(update={"port": 0}),
-            "opcua": base.opcua.model_copy(update={"enabled": False}),
-            "modbus": base.modbus.model_copy(update={"enabled": False}),
-            "camera": base.camera.model_copy(update={"replay": base.camera.replay.model_copy(
-                update={"path": replay, "rate_hz": args.rate, "loop": True})}),
-        })
+        cfg = bench_line(base, None, replay, state, args.rate)
         daemon = Daemon(cfg)
         seen: list[tuple[float, float, str]] = []  # acquired (monotonic), stored ms, version
 
