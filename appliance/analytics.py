@@ -44,8 +44,6 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from appliance.priority import at_background_priority
-
 if TYPE_CHECKING:
     from appliance.config import AppConfig
     from appliance.model_package import ModelCard
@@ -286,8 +284,7 @@ class Analytics:
         self.heads = heads
         self.refresh_s = refresh_s
         # bounded like the store's database; spills (if ever) next to it, not into the working folder
-        config = store.duckdb_config(store.db_path.with_name(store.db_path.name + ".rollup.tmp"))
-        self._mem = at_background_priority(lambda: duckdb.connect(":memory:", config=config))
+        self._mem = store.connect_duckdb(":memory:", store.db_path.with_name(store.db_path.name + ".rollup.tmp"))
         self._mem.execute("SET TimeZone = 'UTC'")
         self._mem.execute(ROLLUP_SCHEMA)
         self._lock = threading.Lock()

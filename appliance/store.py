@@ -146,9 +146,8 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------------
     def open(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # DuckDB's worker threads inherit the opener's priority: open it at background priority
-            self._con = at_background_priority(lambda: duckdb.connect(str(self.db_path),
-                                                                      config=self.duckdb_config()))
+        try:
+            self._con = self.connect_duckdb(str(self.db_path))
         except duckdb.IOException as exc:
             raise UserError(
                 f"{self.db_path}: cannot open the result database ({exc}); is another daemon running?"
@@ -167,15 +166,16 @@ class Store:
         self._thread = threading.Thread(target=self._ingest_loop, name="store-ingest", daemon=True)
         self._thread.start()
 
-    def duckdb_config(self, temp_directory: Path | None = None) -> dict[str, Any]:
-        """DuckDB settings of the appliance's databases: bounded memory, threads and spill (DuckDB's
+    def connect_duckdb(self, database: str, temp_directory: Path | None = None) -> duckdb.DuckDBPyConnection:
+        """Open one of the appliance's DuckDB databases: bounded memory, threads and spill (DuckDB's
         defaults, 80 % of the host's RAM, every core and 90 % of the free disk, are not for an edge PC
-        shared with inference and the journal)."""
+        shared with inference and the journal), opened at background priority, which DuckDB's worker
+        threads inherit from the opening thread (appliance.priority)."""
         config: dict[str, Any] = {"memory_limit": f"{self.memory_limit_mb}MiB", "threads": self.threads,
                                   "max_temp_directory_size": f"{self.max_spill_mb}MiB"}
         if temp_directory is not None:
             config["temp_directory"] = str(temp_directory)
-        return config
+        return at_background_priority(lambda: duckdb.connect(database, config=config))
 
     def _recover(self) -> None:
         assert self._con is not None
