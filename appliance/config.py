@@ -268,6 +268,13 @@ class ReviewConfig(Strict):
     two_person: bool = Field(
         default=False,
         description="A second person must verify a label before it counts for training.")
+    queue_max_age_s: float = Field(
+        default=2.0, ge=0, le=60,
+        description="The ranked review queue is served from its last ranking for up to this long while "
+                    "nobody labels (a label always re-ranks it): a ranking takes the daemon about 40 ms "
+                    "of CPU, which many dashboards refreshing at once would take from the line over and "
+                    "over.  A newly held part appears in the queue within this time; 0 ranks on every "
+                    "request.")
 
 
 class LoggingConfig(Strict):

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from appliance.active import ReviewQueue
 from appliance.analytics import Analytics, Filters, Shifts, heads_for
 from appliance.archive import ImageArchive
 from appliance.auth import TokenIssuer, UserStore
@@ -195,6 +196,7 @@ class Daemon:
         self.metrics = LineMetrics()
         self.image_health = ImageHealth(config.camera.health)
         self.waiting_for_review = {"hold": 0, "audit": 0}
+        self.review_queue = ReviewQueue(self.store, config.disposition.heads, config.review.queue_max_age_s)
         self.analytics: Analytics | None = None
         self.quality_alarm = False
         self.quality_reason = ""

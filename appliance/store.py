@@ -134,6 +134,9 @@ class Store:
         self.threads = threads
         self.max_spill_mb = max_spill_mb
         self._con: duckdb.DuckDBPyConnection | None = None
+        self.label_writes = 0
+        """Label writes committed since open: a cached review queue is stale once this moves."""
+        self._label_lock = threading.Lock()
         self._pending: list[PartResult] = []
         self._pending_lock = threading.Lock()
         self._ingest_lock = threading.Lock()
@@ -335,15 +338,7 @@ class Store:
         return rows
 
     def get(self, result_id: str) -> dict[str, Any] | None:
-        with self.cursor() as cur:
-            row = cur.execute(
-                f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE result_id = ?", [result_id]
-            ).fetchone()
-            if row is None:
-                return None
-            out = [dict(zip(RESULT_COLUMNS, row, strict=True))]
-            self._attach_predictions(cur, out)
-        return out[0]
+        return next(iter(self.results_by_ids([result_id])), None)
 
     @staticmethod
     def _attach_predictions(cur: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]) -> None:
@@ -426,6 +421,8 @@ class Store:
                      now if verified else None, comment])
                 ids.append(label_id)
             cur.execute("COMMIT")
+            with self._label_lock:  # two labels committed at once must count twice
+                self.label_writes += 1
         except duckdb.Error:
             cur.execute("ROLLBACK")
             raise
@@ -484,26 +481,54 @@ class Store:
         return [{"at": at, "user": u, "role": r, "action": a, "target": t, "detail": json.loads(d or "{}")}
                 for at, u, r, a, t, d in rows]
 
-    def review_candidates(self, limit: int = 500) -> list[dict[str, Any]]:
-        """Results waiting for review (held or audit-sampled) that nobody has labelled yet."""
-        sql = f"""
-            SELECT {', '.join('r.' + c for c in RESULT_COLUMNS)} FROM results r
-            WHERE r.review IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)
-            ORDER BY (r.review = 'hold') DESC, r.seq DESC
-            LIMIT {int(limit)}"""
+    _WAITING = ("r.review IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded)")
+    """Results waiting for review: held or audit-sampled, and nobody has labelled them yet."""
+
+    def review_pool(self, size: int, heads: Sequence[str] | None) -> tuple[pa.Table, pa.Table]:
+        """The newest ``size`` results waiting for review (held ones first), as the review queue
+        ranks them: Arrow tables, so that no Python object is built per row (building them holds
+        the GIL, which the inference threads need).
+
+        ``waiting``: result_id and review, in queue order.  ``predictions``: per waiting result
+        with champion predictions of ``heads`` (None: every head), its ``key``
+        ('head=label/head=label', heads in name order) and ``probs`` (one list per head, same order).
+        """
         with self.cursor() as cur:
-            rows = [dict(zip(RESULT_COLUMNS, row, strict=True)) for row in cur.execute(sql).fetchall()]
+            waiting = cur.sql(
+                f"SELECT r.result_id, r.review FROM results r WHERE {self._WAITING} "
+                f"ORDER BY (r.review = 'hold') DESC, r.seq DESC LIMIT {int(size)}").to_arrow_table()
+            ids = waiting.column("result_id").to_pylist()
+            params: dict[str, Any] = {"ids": ids, "first": min(ids, default=""), "last": max(ids, default="")}
+            of_heads = ""
+            if heads is not None:
+                of_heads, params["heads"] = "AND list_contains($heads, head)", list(heads)
+            predictions = cur.sql(
+                "SELECT result_id, string_agg(head || '=' || label, '/' ORDER BY head) AS key, "
+                "list(probs ORDER BY head) AS probs FROM predictions "
+                "WHERE result_id BETWEEN $first AND $last AND result_id IN (SELECT unnest($ids)) "
+                f"AND role = 'champion' {of_heads} GROUP BY result_id", params=params).to_arrow_table()
+        return waiting, predictions
+
+    def results_by_ids(self, result_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Whole records (with predictions) of these results, in the order asked; unknown ids are left out."""
+        if not result_ids:
+            return []
+        with self.cursor() as cur:
+            rows = [dict(zip(RESULT_COLUMNS, row, strict=True)) for row in cur.execute(
+                f"SELECT {', '.join(RESULT_COLUMNS)} FROM results WHERE result_id BETWEEN $first AND $last "
+                "AND result_id IN (SELECT unnest($ids))",  # the range: see _attach_predictions
+                {"ids": list(result_ids), "first": min(result_ids), "last": max(result_ids)}).fetchall()]
             self._attach_predictions(cur, rows)
-        return rows
+        by_id = {r["result_id"]: r for r in rows}
+        return [by_id[i] for i in result_ids if i in by_id]
 
     def waiting_for_review(self) -> dict[str, int]:
         """Parts nobody has labelled yet, by why they wait: ``hold`` (the model was unsure or the
         image failed) and ``audit`` (a random sample of decided parts)."""
         with self.cursor() as cur:
-            rows = cur.execute("SELECT r.review, count(*) FROM results r WHERE r.review IS NOT NULL AND NOT EXISTS "
-                               "(SELECT 1 FROM labels l WHERE l.result_id = r.result_id AND NOT l.superseded) "
-                               "GROUP BY ALL").fetchall()
+            rows = cur.execute(f"SELECT r.review, count(*) FROM results r WHERE {self._WAITING} GROUP BY ALL"
+                               ).fetchall()
         return {"hold": 0, "audit": 0} | {review: int(n) for review, n in rows}
 
     def counts(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from appliance import active
 from appliance.api.deps import Engineer, Operator, daemon_of
 
 router = APIRouter(tags=["review"])
@@ -23,9 +22,9 @@ class LabelsIn(BaseModel):
 async def review_queue(who: Operator, request: Request,
                        limit: int = Query(default=50, ge=1, le=500)) -> dict[str, Any]:
     """Parts waiting for a person: held parts first, then audit samples, most informative first.
-    ``waiting`` counts every unlabelled part; the ranking looks at the newest ``ranked_from``."""
-    daemon = daemon_of(request)  # ranked in a worker thread: the event loop serves the PLC meanwhile
-    return await asyncio.to_thread(active.review_queue, daemon.store, daemon.config.disposition.heads, limit)
+    ``waiting`` counts every unlabelled part; the ranking looks at the newest ``ranked_from``; it was
+    made at ``ranked_at`` (at most ``review.queue_max_age_s`` ago, or at the last label)."""
+    return await daemon_of(request).review_queue.get(limit)
 
 
 @router.post("/results/{result_id}/labels")

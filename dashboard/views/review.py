@@ -159,7 +159,7 @@ if card is not None and queue is not None:
     newest = (f" (ranked among the newest {queue['ranked_from']:,})"
               if queue.get("ranked_from", queue["waiting"]) < queue["waiting"] else "")
     st.caption(f"{queue['waiting']:,} parts waiting · {held} held and {queue['count'] - held} audit samples "
-               f"in the top {QUEUE}{newest} · most informative first")
+               f"in the top {QUEUE}{newest} · most informative first · ranked at {ui.when(queue['ranked_at'])[-8:]}")
     part = pick_part(queue["results"])
     if part is None:
         st.success("Nothing waiting for review.")

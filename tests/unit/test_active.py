@@ -1,3 +1,6 @@
+import asyncio
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -6,9 +9,13 @@ from appliance.active import (
     DUPLICATE_COSINE,
     DUPLICATE_PENALTY,
     FAILED_SCORE,
+    ReviewQueue,
     informativeness,
     rank,
+    review_queue,
 )
+from appliance.result import HeadResult
+from tests.unit.test_store import make_store, result
 
 
 def cand(rid: str, review: str, probs: list[float]) -> dict:
@@ -75,11 +82,11 @@ def reference_rank(candidates: list[dict], heads: list[str] | None, limit: int) 
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rank_equals_the_plain_rule_on_a_mixed_queue(seed: int) -> None:
+def mixed_queue(seed: int, n: int = 120) -> list[dict]:
+    """Held and audit-sampled candidates with two heads, near-duplicates, one-head and failed parts."""
     rng = np.random.default_rng(seed)
     queue = []
-    for i in range(120):
+    for i in range(n):
         grade = rng.dirichlet([0.3] * 4) if i % 7 else np.array([0.52, 0.48, 0.0, 0.0])  # some near-duplicates
         kind = rng.dirichlet([1, 1])
         preds = [{"head": "grade", "label": str(grade.argmax()), "probs": grade.tolist()},
@@ -90,7 +97,84 @@ def test_rank_equals_the_plain_rule_on_a_mixed_queue(seed: int) -> None:
             preds = []  # an image that failed
         queue.append({"result_id": f"r{i}", "review": "hold" if rng.random() < 0.6 else "audit",
                       "predictions": preds})
+    return queue
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_equals_the_plain_rule_on_a_mixed_queue(seed: int) -> None:
+    queue = mixed_queue(seed)
     for heads in (None, ["grade"]):
         expected = reference_rank(queue, heads, limit=40)
         ranked = rank([dict(c) for c in queue], heads, limit=40)
         assert [(r["result_id"], r["priority"]) for r in ranked] == expected
+
+
+async def test_the_queue_ranked_from_the_store_equals_the_plain_rule(tmp_path: Path) -> None:
+    """The daemon ranks Arrow columns from DuckDB, not these dicts: same picks, same priorities,
+    whole records for the picks, labelled parts left out."""
+    store = make_store(tmp_path)
+    store.open()
+    try:
+        assert review_queue(store, None, 10)["results"] == [], "an empty store has an empty queue"
+        queue = mixed_queue(seed=4, n=90)
+        stored_ids = {}
+        for i, c in enumerate(queue):
+            part = result(i, "hold" if c["review"] == "hold" else "pass")
+            part.review = c["review"]
+            part.predictions = [HeadResult(p["head"], p["label"], max(p["probs"]), p["probs"])
+                                for p in c["predictions"]]
+            part.status = "ok" if c["predictions"] else "failed"
+            await store.append(part)
+            stored_ids[c["result_id"]] = part.result_id
+        store.flush()
+        labelled = queue[::10]
+        for c in labelled:
+            store.add_labels(stored_ids[c["result_id"]], {"grade": "0"}, "olga", None, verified=True)
+        waiting = [c for c in queue if c not in labelled]
+        # the store's order: held first, newest first
+        in_store_order = sorted(waiting, key=lambda c: (c["review"] != "hold", -int(c["result_id"][1:])))
+        for heads in (None, ["grade"]):
+            expected = [(stored_ids[rid], priority) for rid, priority in reference_rank(in_store_order, heads, 30)]
+            served = review_queue(store, heads, 30)
+            assert [(r["result_id"], r["priority"]) for r in served["results"]] == expected
+            assert served["waiting"] == served["ranked_from"] == len(waiting)
+            first = served["results"][0]
+            assert first["part_id"].startswith("P") and first["review"] in ("hold", "audit")
+            assert {p["head"] for p in first["predictions"]} <= {"grade", "kind"}
+    finally:
+        store.close()
+
+
+async def test_review_queue_ranks_once_for_requests_together_and_again_after_a_label(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.open()
+    try:
+        async def hold(i: int) -> str:
+            part = result(i, "hold")
+            part.review = "hold"
+            await store.append(part)
+            store.flush()
+            return part.result_id
+
+        first = [await hold(i) for i in range(3)]
+        queue = ReviewQueue(store, heads=None, max_age_s=60)
+        together = await asyncio.gather(*(queue.get(10) for _ in range(8)))
+        assert queue.rankings == 1 and all(q is together[0] for q in together)
+        assert {r["result_id"] for r in together[0]["results"]} == set(first)
+
+        newer = await hold(3)
+        assert (await queue.get(10))["waiting"] == 3 and queue.rankings == 1, "served from the last ranking"
+        other_limit = await queue.get(2)
+        assert queue.rankings == 2 and other_limit["count"] == 2, "each limit has its own ranking"
+
+        store.add_labels(first[0], {"grade": "0"}, "olga", None, verified=True)
+        after = await queue.get(10)
+        assert queue.rankings == 3, "a label re-ranks at once"
+        assert {r["result_id"] for r in after["results"]} == {first[1], first[2], newer}
+
+        queue.max_age_s = 0
+        await queue.get(10)
+        await queue.get(10)
+        assert queue.rankings == 5, "max age 0 ranks on every request"
+    finally:
+        store.close()
