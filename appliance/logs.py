@@ -27,5 +27,5 @@ def setup_logging(level: str = "info", fmt: str = "console") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.error", "uvicorn.access", "asyncua", "pymodbus"):
+    for noisy in ("uvicorn.error", "uvicorn.access", "asyncua", "pymodbus", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
