@@ -258,7 +258,8 @@ class RegistryConfig(Strict):
         description="subprocess: the daemon starts the worker (nice 10); service: the daemon queues the "
                     "job for appliance-retrain.service (its own cgroup, CPUWeight and idle I/O).")
     retrain_recipe: Path | None = Field(
-        default=None, description="YAML file of TrainRecipe settings for retraining (defaults if absent).")
+        default=None, description="YAML file of training-recipe settings for retraining (see the training "
+                                  "recipe below; defaults if absent).")
     shadow_max_pending: int = Field(
         default=4, ge=1, le=1024,
         description="Frames waiting for the shadow model; more are skipped (the line never waits).")

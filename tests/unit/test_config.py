@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from appliance.cli import app
 from appliance.config import AppConfig, load_config
 from appliance.errors import UserError
+from appliance.training.recipe import TrainRecipe
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = """\
@@ -148,4 +149,9 @@ def test_configuration_reference_is_current_and_names_every_key(monkeypatch) -> 
     assert "| `queue_size` | int | `8` | 1 ≤ x ≤ 1024 |" in sections["camera"]
     assert "| `inference_workers` | int | `2` | 1 ≤ x ≤ 16 |" in sections["model"]
     assert "| `name` | str | **required** | 1–64 characters |" in sections["disposition.rules[]"]
+    recipe = committed.split("\n# Training recipe\n", 1)[1]
+    for key in TrainRecipe.model_fields:
+        assert f"| `{key}` |" in recipe, f"recipe key {key} missing"
+    assert "| `frozen_blocks` | int | `13` | 0 ≤ x ≤ 16 |" in recipe
+    assert "| `brightness_gains` | list of float | empty | at most 8 entries |" in recipe
     assert "Without this section: `enabled: false`." in sections["modbus"]
