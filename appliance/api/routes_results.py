@@ -83,15 +83,17 @@ async def results(
     part_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> dict[str, Any]:
-    """Stored results, newest first (results reach the database within a fraction of a second)."""
+) -> Response:
+    """Stored results, newest first (results reach the database within a fraction of a second).
+
+    The page is rendered as JSON by DuckDB (:meth:`Store.query_json`), so that a large page does
+    not hold the GIL the line's threads need; ``ResultPage`` documents its shape."""
     if since and until and since >= until:
         raise HTTPException(422, "'since' must be before 'until'")
     f = ResultFilter(since=since, until=until, disposition=disposition, batch=batch,
                      camera_view=camera_view, status=status, review=review, part_id=part_id,
                      limit=limit, offset=offset)
-    rows = await asyncio.to_thread(daemon_of(request).store.query, f)
-    return {"count": len(rows), "results": rows}
+    return Response(await asyncio.to_thread(daemon_of(request).store.query_json, f), media_type="application/json")
 
 @router.get("/results/latest")
 async def latest(who: Operator, request: Request) -> dict[str, Any]:

@@ -123,3 +123,41 @@ def test_duckdb_memory_threads_and_spill_are_bounded(tmp_path: Path) -> None:
     finally:
         analytics.close()
         store.close()
+
+
+async def test_the_json_page_equals_the_records_page(tmp_path: Path) -> None:
+    """GET /results renders its page in DuckDB (Store.query_json): it must say exactly what the
+    records from Store.query say through the API's model, for every kind of result and filter."""
+    import json
+
+    from appliance.api.routes_results import ResultPage
+
+    store = make_store(tmp_path)
+    store.open()
+    try:
+        for i in range(30):
+            part = result(i, ("pass", "reject", "hold")[i % 3], batch="B2" if i >= 20 else "B1")
+            part.acquired_at = part.acquired_at.replace(microsecond=(0, 250_000, 7)[i % 3])  # with and without
+            if i % 5 == 0:
+                part.shadow_version = "m2"
+                part.shadow_predictions = [HeadResult("grade", "1", 0.6, [0.4, 0.6])]
+            if i % 7 == 0:  # an image that failed: no predictions, an error, no process values
+                part.status, part.error, part.predictions, part.process_values = "failed", "corrupt PNG", [], {}
+            part.latency = {} if i == 4 else part.latency
+            await store.append(part)
+        store.flush()
+
+        def page(f: ResultFilter) -> dict:
+            rows = store.query(f)
+            return json.loads(ResultPage.model_validate({"count": len(rows), "results": rows}).model_dump_json())
+
+        for f in (ResultFilter(limit=100), ResultFilter(limit=7, offset=3), ResultFilter(batch="B2"),
+                  ResultFilter(disposition="hold", status="failed"), ResultFilter(part_id="nobody")):
+            expected, rendered = page(f), json.loads(store.query_json(f))
+            for r in expected["results"] + rendered["results"]:
+                for key in ("predictions", "shadow_predictions"):
+                    r[key].sort(key=lambda p: p["head"])
+            assert rendered == expected, f
+        assert json.loads(store.query_json(ResultFilter(limit=100)))["count"] == 30
+    finally:
+        store.close()
