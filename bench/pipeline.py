@@ -9,6 +9,8 @@ Measured in one run, on the same images and with the config's inference workers 
     bare model fed one image every 1/rate s: the pipeline's own cost when nothing queues;
   * sustained: the same daemon with the camera at ``--sustained-rate`` for ``--seconds``: the parts/s
     judged and the frames dropped;
+  * the replay camera's file read + PNG decode, timed alone: a frame counts as acquired once its
+    pixels are in memory, as a camera's buffer does, so this is not in the stages above;
   * capacity: the camera at ``--capacity-rate``, faster than the line can judge, so the parts/s
     judged is the most it can do (the replay source decodes PNGs on the same two cores, which a
     real camera does not); once with the config's inference workers and once with 1 worker of
@@ -125,7 +127,11 @@ def main() -> None:
     base, model, replay_path = line_and_model(args)
     assert base.camera.replay is not None
     paths = [p for p, _ in list_images(base.camera.replay.model_copy(update={"path": replay_path}))][:300]
-    images = [read_image(p) for p in paths]
+    images, read_ms = [], []
+    for path in paths:  # what the replay camera does before a frame counts as acquired
+        t = time.perf_counter_ns()
+        images.append(read_image(path))
+        read_ms.append((time.perf_counter_ns() - t) / 1e6)
 
     cfg = bench_line(base, model, replay_path, base.state_dir)  # run_fresh gives each run its own state
     m = cfg.model
@@ -147,6 +153,7 @@ def main() -> None:
         "model": str(model), "model_version": Classifier(model, warmup_runs=0).version,
         "inference": {"workers": m.inference_workers, "intra_op_threads": m.intra_op_threads},
         "bare_model_ms": bare,
+        "replay_read_ms": percentiles(read_ms),
         "paced": paced,
         "sustained": sustained,
         "capacity": capacity,
@@ -167,6 +174,8 @@ def main() -> None:
         print(f"paced {stage:<12} p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms")
     print(f"paced stored      p50 {paced['stored_ms']['p50']:.2f} ms  p99 {stored_p99:.2f} ms "
           f"({paced['judged']} parts at {args.rate:.0f}/s, {paced['dropped']} dropped)")
+    read = report["replay_read_ms"]
+    print(f"replay read+decode p50 {read['p50']:.2f} ms  p99 {read['p99']:.2f} ms (before a frame counts as acquired)")
     print(f"ratio stored p99 / bare p99 = {report['ratio_stored_p99_to_bare_p99']}")
     line = report["line_rate"]
     print(f"at {args.line_rate:.0f} parts/s:   bare model paced alike p50 {bare_at_line_rate['p50']:.2f} ms  "

@@ -47,6 +47,9 @@ def rows() -> list[tuple[str, str, str, str]]:
                 ("pipeline", "stored p99 / bare-model p99", f"{p['ratio_stored_p99_to_bare_p99']}", "≤ 1.5"),
                 ("pipeline", f"sustained: camera at {p['sustained']['rate_hz']:.0f}/s, judged",
                  f"{p['sustained']['parts_per_s']} parts/s ({p['sustained']['dropped']} dropped)", "≥ 100, 0 dropped")]
+        if read := p.get("replay_read_ms"):
+            out += [("pipeline", "replay camera: file read + PNG decode p50 / p99 (before a frame counts as acquired)",
+                     f"{ms(read, 'p50')} / {ms(read)}", "–")]
         if (cap := p.get("capacity")) and (one := p.get("capacity_one_worker_two_threads")):
             workers = p["inference"]
             out += [("pipeline", f"capacity, the most judged: {workers['workers']}×{workers['intra_op_threads']} "

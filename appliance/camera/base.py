@@ -28,7 +28,8 @@ class Frame:
     """Where the pixels came from: a file path, or ``<device>#<frame id>``."""
     acquired_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     acquired_ns: int = field(default_factory=time.perf_counter_ns)
-    """Monotonic clock at acquisition, for per-stage latency."""
+    """Monotonic clock at acquisition, for per-stage latency: when the pixels are in memory (a
+    camera's buffer delivered, a replayed file decoded), the moment the appliance can start on them."""
     error: str | None = None
     encoded: bytes | None = None
     """The original file bytes when the source had them (kept for the image archive)."""
