@@ -207,11 +207,9 @@ class Store:
         records = self.journal.recover()
         if records:
             ids = [r["result_id"] for r in records]
-            known = {
-                row[0] for row in self._con.execute(
-                    "SELECT result_id FROM results WHERE result_id IN (SELECT unnest($ids))", {"ids": ids}
-                ).fetchall()
-            }
+            of_journal, params = _among(ids)
+            known = {row[0] for row in self._con.execute(f"SELECT result_id FROM results WHERE {of_journal}",
+                                                         params).fetchall()}
             missing = [PartResult.from_dict(r) for r in records if r["result_id"] not in known]
             if missing:
                 self._insert(self._con, missing)
@@ -412,9 +410,9 @@ class Store:
     def image_refs(self, result_ids: list[str]) -> dict[str, str | None]:
         if not result_ids:
             return {}
+        of_ids, params = _among(result_ids)
         with self.cursor() as cur:
-            rows = cur.execute("SELECT result_id, image_ref FROM results "
-                               "WHERE result_id IN (SELECT unnest($ids))", {"ids": result_ids}).fetchall()
+            rows = cur.execute(f"SELECT result_id, image_ref FROM results WHERE {of_ids}", params).fetchall()
         return dict(rows)
 
     def add_predictions(self, rows: list[dict[str, Any]]) -> None:
