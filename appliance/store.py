@@ -27,7 +27,7 @@ from appliance.config import DUCKDB_MAX_SPILL_MB, DUCKDB_MEMORY_LIMIT_MB, DUCKDB
 from appliance.errors import UserError
 from appliance.journal import Journal
 from appliance.priority import at_background_priority, lower_this_thread
-from appliance.result import PartResult, new_result_id
+from appliance.result import HeadResult, PartResult, new_result_id
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,25 @@ def _among(ids: Sequence[str], column: str = "result_id") -> tuple[str, dict[str
     row group outside it by its min/max (4x faster at 10^6 results)."""
     return (f"{column} BETWEEN $first AND $last AND {column} IN (SELECT unnest($ids))",
             {"ids": list(ids), "first": min(ids, default=""), "last": max(ids, default="")})
+
+
+def _row(r: PartResult) -> dict[str, Any]:
+    """A result's columns in the ``results`` table."""
+    return {"result_id": r.result_id, "seq": r.seq, "acquired_at": r.acquired_at, "decided_at": r.decided_at,
+            "line_id": r.line_id, "asset_id": r.asset_id, "camera_view": r.camera_view, "batch": r.batch,
+            "part_id": r.part_id, "process_values": r.process_values, "model_version": r.model_version,
+            "disposition": r.disposition, "rule": r.rule, "review": r.review, "status": r.status, "error": r.error,
+            "image_ref": r.image_ref, "source_ref": r.source_ref,
+            **{stage: r.latency.get(stage) for stage in ("queue_ms", "inference_ms", "decide_ms", "total_ms")}}
+
+
+def record_of(r: PartResult) -> dict[str, Any]:
+    """A result as the store gives it back (:meth:`Store.get`), from memory: predictions by head name."""
+    def heads(version: str | None, predictions: list[HeadResult]) -> list[dict[str, Any]]:
+        return [{"head": p.head, "label": p.label, "confidence": p.confidence, "probs": list(p.probs),
+                 "model_version": version} for p in sorted(predictions, key=lambda p: p.head)]
+    return _row(r) | {"predictions": heads(r.model_version, r.predictions),
+                      "shadow_predictions": heads(r.shadow_version, r.shadow_predictions)}
 
 
 def _iso(column: str) -> str:
@@ -283,16 +302,7 @@ class Store:
         rows = []
         preds = []
         for r in batch:
-            rows.append({
-                "result_id": r.result_id, "seq": r.seq, "acquired_at": r.acquired_at,
-                "decided_at": r.decided_at, "line_id": r.line_id, "asset_id": r.asset_id,
-                "camera_view": r.camera_view, "batch": r.batch, "part_id": r.part_id,
-                "process_values": json.dumps(r.process_values), "model_version": r.model_version,
-                "disposition": r.disposition, "rule": r.rule, "review": r.review, "status": r.status,
-                "error": r.error, "image_ref": r.image_ref, "source_ref": r.source_ref,
-                **{stage: r.latency.get(stage) for stage in ("queue_ms", "inference_ms", "decide_ms",
-                                                             "total_ms")},
-            })
+            rows.append(_row(r) | {"process_values": json.dumps(r.process_values)})
             for role, version, heads in (("champion", r.model_version, r.predictions),
                                          ("shadow", r.shadow_version, r.shadow_predictions)):
                 for p in heads:
@@ -398,8 +408,8 @@ class Store:
             return
         of_rows, params = _among(list(by_id))
         preds = cur.execute(
-            f"SELECT result_id, role, model_version, head, label, confidence, probs FROM predictions WHERE {of_rows}",
-            params).fetchall()
+            f"SELECT result_id, role, model_version, head, label, confidence, probs FROM predictions WHERE {of_rows} "
+            "ORDER BY head", params).fetchall()
         for result_id, role, version, head, label, confidence, probs in preds:
             key = "predictions" if role == "champion" else "shadow_predictions"
             by_id[result_id][key].append(

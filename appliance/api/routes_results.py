@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from appliance.api.deps import Operator, daemon_of
-from appliance.store import ResultFilter
+from appliance.store import ResultFilter, record_of
 
 router = APIRouter(tags=["results"])
 
@@ -95,13 +95,14 @@ async def results(
                      limit=limit, offset=offset)
     return Response(await asyncio.to_thread(daemon_of(request).store.query_json, f), media_type="application/json")
 
-@router.get("/results/latest")
+@router.get("/results/latest", response_model=ResultOut)
 async def latest(who: Operator, request: Request) -> dict[str, Any]:
-    """The last published result (from memory: no database round trip)."""
+    """The last published result, in the same shape as ``/results/{id}`` (from memory: no database
+    round trip)."""
     daemon = daemon_of(request)
     if daemon.latest is None:
         raise HTTPException(404, "no result yet")
-    return daemon.latest.to_dict()
+    return record_of(daemon.latest)
 
 @router.get("/results/{result_id}", response_model=ResultOut)
 async def result(result_id: str, who: Operator, request: Request) -> dict[str, Any]:

@@ -55,6 +55,26 @@ def plc_status(health: dict[str, Any]) -> tuple[str, bool | None]:
     return "not reported", None
 
 
+def head_order(version: str | None) -> list[str]:
+    """The serving model's heads in its card's order (severity before type for ELPV), fetched once
+    per version: the API lists a part's predictions by head name."""
+    orders: dict[str, list[str]] = st.session_state.setdefault("head_order", {})
+    if version and version not in orders:
+        card = ui.call(lambda: ui.api().get("/model"), "read the model's heads")
+        orders[version] = [h["name"] for h in card["heads"]] if card and card.get("version") == version else []
+    return orders.get(version or "", [])
+
+
+def prediction_lines(result: dict[str, Any], order: list[str]) -> str:
+    """One line per head, 'label · confidence', the head's name on hover; the error of a failed part."""
+    if not result["predictions"]:
+        return html.escape(result.get("error") or "")
+    rank = {name: i for i, name in enumerate(order)}
+    heads = sorted(result["predictions"], key=lambda p: rank.get(p["head"], len(rank)))
+    return "<br>".join(f"<span title='{html.escape(p['head'])}'>{html.escape(p['label'])} · "
+                       f"{p['confidence']:.0%}</span>" for p in heads)
+
+
 def status_line(label: str, text: str, ok: bool | None) -> None:
     css = "status-ok" if ok else "status-bad" if ok is False else "muted"
     st.markdown(f"{label}<br><span class='{css} big-label'>{text}</span>", unsafe_allow_html=True)
@@ -111,6 +131,7 @@ def live() -> None:
     if not page or not page["results"]:
         st.info("No parts yet.")
         return
+    order = head_order(health.get("model_version"))
     grid = st.columns(THUMBNAILS)
     images = [thumbnail(r["result_id"]) if r.get("image_ref") else None for r in page["results"]]
     ratio = aspect_ratio(images)
@@ -122,11 +143,9 @@ def live() -> None:
                 st.markdown(f"<div class='no-image' style='aspect-ratio: {ratio}'>image not kept"
                             f"{' (passes are sampled)' if r['disposition'] == 'pass' else ''}</div>",
                             unsafe_allow_html=True)
-            head = r["predictions"][0] if r["predictions"] else None
-            label = (f"<span title='{html.escape(head['head'])}'>{html.escape(head['label'])} · "
-                     f"{head['confidence']:.0%}</span>" if head else html.escape(r.get("error") or ""))
             st.markdown(f"{ui.badge(r['disposition'])}<br><span class='muted'>{r.get('part_id') or ''}"
-                        f"<br>{label}<br>{ui.when(r['acquired_at'])[11:]}</span>", unsafe_allow_html=True)
+                        f"<br>{prediction_lines(r, order)}<br>{ui.when(r['acquired_at'])[11:]}</span>",
+                        unsafe_allow_html=True)
 
 
 st.title("Live")

@@ -74,9 +74,12 @@ def test_live_shows_the_line(line: Line, api_url: str) -> None:
     assert "camera 'top'" in texts(at).lower()
     with line.api("operator") as api:
         newest = api.get("/results", params={"limit": 1}).json()["results"][0]
-    first_head = newest["predictions"][0]
-    assert (f"<span title='{first_head['head']}'>{first_head['label']} · "
-            f"{first_head['confidence']:.0%}</span>") in texts(at), "a part's caption: head, label, confidence"
+        card_order = [h["name"] for h in api.get("/model").json()["heads"]]
+    by_head = {p["head"]: p for p in newest["predictions"]}
+    assert len(by_head) == 2 and list(by_head) != card_order, "the API lists heads by name, the card does not"
+    caption = "<br>".join(f"<span title='{h}'>{by_head[h]['label']} · {by_head[h]['confidence']:.0%}</span>"
+                          for h in card_order)
+    assert caption in texts(at), "a part's caption: every head's label and confidence, in the card's order"
 
 
 def test_operator_sees_no_audit_or_users_page(line: Line, api_url: str) -> None:

@@ -45,6 +45,8 @@ async def test_replay_folder_stores_every_part_with_every_field(tmp_path: Path, 
             failed = (await api.get("/api/v1/results", params={"status": "failed"})).json()
             reject = (await api.get("/api/v1/results", params={"disposition": "reject"})).json()
             one = page["results"][-1]
+            latest = (await api.get("/api/v1/results/latest")).json()
+            latest_by_id = (await api.get(f"/api/v1/results/{latest['result_id']}")).json()
             image = await api.get(f"/api/v1/results/{one['result_id']}/image")
             bad_filter = await api.get("/api/v1/results", params={"disposition": "maybe"})
             missing = await api.get("/api/v1/results/nope")
@@ -72,6 +74,8 @@ async def test_replay_folder_stores_every_part_with_every_field(tmp_path: Path, 
             assert r[stage] is not None and r[stage] >= 0
         assert r["image_ref"] and r["source_ref"].endswith(".png")
     assert sorted(r["seq"] for r in page["results"]) == list(range(1, 11))
+    newest = next(r for r in page["results"] if r["seq"] == 10)
+    assert latest == latest_by_id == newest, "one result, one shape: from memory, by id and in a page"
     assert {r["part_id"] for r in failed["results"]} == {"part0100", "part0101"}
     for r in failed["results"]:
         assert r["disposition"] == "hold" and r["rule"] == "image_error" and r["review"] == "hold"
