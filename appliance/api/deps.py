@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from appliance.auth import Identity, Role, role_at_least
@@ -18,6 +20,25 @@ _bearer = HTTPBearer(auto_error=False)
 
 def daemon_of(request: Request) -> Daemon:
     return request.app.state.daemon
+
+
+async def known_query_only(request: Request) -> None:
+    """422 for a query parameter the endpoint does not take: a misspelt filter (``dispositon=hold``)
+    would otherwise be ignored, and the caller handed every result as if filtered."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    allowed = query_parameters(route)
+    if unknown := sorted(set(request.query_params) - allowed):
+        takes = ", ".join(sorted(allowed)) or "no query parameters"
+        raise HTTPException(422, f"unknown query parameter {', '.join(unknown)}; this endpoint takes: {takes}")
+
+
+def query_parameters(route: APIRoute) -> set[str]:
+    """The query parameters a route and its dependencies declare (a walk of a few objects)."""
+    def declared(dependant: Dependant) -> set[str]:
+        return {f.alias for f in dependant.query_params}.union(*map(declared, dependant.dependencies))
+    return declared(route.dependant)
 
 
 def require(role: Role) -> Callable[..., Awaitable[Identity]]:

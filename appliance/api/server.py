@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from appliance import __version__
 from appliance.api import routes_analytics, routes_auth, routes_models, routes_results, routes_review
+from appliance.api.deps import known_query_only
 from appliance.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ API_PREFIX = "/api/v1"
 
 def build_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(title="Defect appliance API", version=__version__,
-                  description="Results, review, models and health of one inspection station.")
+                  description="Results, review, models and health of one inspection station.",
+                  dependencies=[Depends(known_query_only)])
     app.state.daemon = daemon
     for module in (routes_results, routes_auth, routes_review, routes_models, routes_analytics):
         app.include_router(module.router, prefix=API_PREFIX)

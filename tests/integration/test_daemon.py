@@ -49,6 +49,7 @@ async def test_replay_folder_stores_every_part_with_every_field(tmp_path: Path, 
             latest_by_id = (await api.get(f"/api/v1/results/{latest['result_id']}")).json()
             image = await api.get(f"/api/v1/results/{one['result_id']}/image")
             bad_filter = await api.get("/api/v1/results", params={"disposition": "maybe"})
+            misspelt_filter = await api.get("/api/v1/results", params={"dispositon": "hold"})
             missing = await api.get("/api/v1/results/nope")
     finally:
         await daemon.stop()
@@ -83,6 +84,8 @@ async def test_replay_folder_stores_every_part_with_every_field(tmp_path: Path, 
     assert {r["part_id"] for r in reject["results"]} == {"part0002", "part0003", "part0006"}
     assert image.status_code == 200 and image.content == paths[0].read_bytes()
     assert bad_filter.status_code == 422
+    assert misspelt_filter.status_code == 422, "a misspelt filter must not return every result"
+    assert "dispositon" in misspelt_filter.json()["detail"] and "disposition" in misspelt_filter.json()["detail"]
     assert missing.status_code == 404
 
 
