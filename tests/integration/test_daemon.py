@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import httpx
@@ -266,3 +267,34 @@ async def test_parallel_inference_still_stores_and_publishes_in_camera_order(
     assert most == 2  # the two workers did overlap
     assert [part for _, part in published] == [p.stem for p in paths]
     assert [seq for seq, _ in published] == list(range(1, len(paths) + 1))
+
+
+async def test_cli_lists_results_through_the_api_and_says_how_to_log_in(tmp_path: Path, line_config) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    images = tmp_path / "images"
+    write_grade_images(images, GRADES)
+    daemon = Daemon(line_config(images))
+    await daemon.start()
+    try:
+        await daemon.wait_for_results(len(GRADES), timeout=30)
+        daemon.store.flush()
+        auth_headers(daemon, "operator", "olga")
+        url = f"http://127.0.0.1:{daemon.api_port}"
+
+        def cli(*args: str) -> Any:  # a thread: the daemon's loop must go on serving the API meanwhile
+            return CliRunner().invoke(app, ["results", "--api", url, *args],
+                                      env={"APPLIANCE_PASSWORD": "olga-password-123", "APPLIANCE_API_TOKEN": ""})
+
+        anonymous = await asyncio.to_thread(cli)
+        rejects = await asyncio.to_thread(cli, "--user", "olga", "--disposition", "reject")
+        bad_value = await asyncio.to_thread(cli, "--user", "olga", "--disposition", "maybe")
+    finally:
+        await daemon.stop()
+
+    assert anonymous.exit_code == 2 and "not logged in: pass --user NAME" in anonymous.output
+    assert rejects.exit_code == 0, rejects.output
+    assert sorted(line.split()[2] for line in rejects.output.splitlines()) == ["part0002", "part0003", "part0006"]
+    assert bad_value.exit_code == 2 and "disposition: Input should be" in bad_value.output, bad_value.output
