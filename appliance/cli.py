@@ -44,10 +44,30 @@ def _need_training_extra() -> None:
 
 @app.command("check-config")
 def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to validate.")]) -> None:
-    """Validate a configuration file without starting anything."""
+    """Validate a configuration file without starting anything; the disposition table is checked
+    against the model the line would serve (model.path, else the registry's champion)."""
     config = _user_errors(lambda: load_config(file))
+    model = _user_errors(lambda: _table_fits_model(file, config))
     typer.echo(f"{file}: OK (line {config.line.line_id}, camera '{config.camera.view}' "
-               f"from {config.camera.source}, state in {config.state_dir})")
+               f"from {config.camera.source}, state in {config.state_dir}; {model})")
+
+
+def _table_fits_model(file: Path, config: AppConfig) -> str:
+    """Check the disposition table against the model to be served; what was checked, in words."""
+    from appliance.disposition import Disposer
+    from appliance.model_package import read_card
+    from appliance.registry import ModelRegistry
+    from appliance.yamlio import line_of, load_yaml_with_lines
+
+    path = config.resolve(config.model.path) if config.model.path else ModelRegistry(config.models_dir).champion_path()
+    if path is None:
+        return f"no model in {config.models_dir} yet: the disposition table is checked against it at start"
+    card = read_card(path)
+    if problems := Disposer(config.disposition).misfits(card):
+        _, lines = load_yaml_with_lines(file)
+        raise UserError("\n".join(f"{file}:{line_of(loc, lines) or '?'}: {'.'.join(map(str, loc))}: {problem} "
+                                   f"(model {card.version})" for loc, problem in problems))
+    return f"the disposition table fits model {card.version}"
 
 
 @app.command("config-reference")

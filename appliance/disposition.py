@@ -13,12 +13,14 @@ model passed) can be measured.  The sampling uses its own seeded generator for r
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from appliance.config import DispositionConfig
 from appliance.errors import UserError
 from appliance.inference import Prediction
 from appliance.model_package import ModelCard
+from appliance.yamlio import Loc
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,30 +40,32 @@ class Disposer:
         self.config = config
         self._rng = random.Random(seed)
 
-    def check_against(self, card: ModelCard) -> None:
-        """Refuse a model whose heads or classes the disposition table does not know (or vice versa)."""
+    def misfits(self, card: ModelCard) -> list[tuple[Loc, str]]:
+        """Where the disposition table names a head or class the model does not have: (key path in
+        the config, problem)."""
         heads = {h.name: set(h.classes) for h in card.heads}
-        problems = []
-        for rule in self.config.rules:
+        problems: list[tuple[Loc, str]] = []
+
+        def check(loc: Loc, head: str, classes: Iterable[str], where: str = "") -> None:
+            if head not in heads:
+                problems.append((loc, f"{where}head '{head}' is not in the model, which has {sorted(heads)}"))
+            elif unknown := sorted(set(classes) - heads[head]):
+                problems.append((loc, f"{where}head '{head}' has no class {unknown}; it has {sorted(heads[head])}"))
+
+        for i, rule in enumerate(self.config.rules):
             for head, classes in rule.when.items():
-                if head not in heads:
-                    problems.append(f"rule '{rule.name}' names head '{head}', the model has {sorted(heads)}")
-                    continue
-                unknown = sorted(set(classes) - heads[head])
-                if unknown:
-                    problems.append(f"rule '{rule.name}': head '{head}' has no class {unknown}")
+                check(("disposition", "rules", i, "when", head), head, classes, f"rule '{rule.name}': ")
         for head, thresholds in self.config.class_min_confidence.items():
-            if head not in heads:
-                problems.append(f"class_min_confidence names head '{head}', the model has {sorted(heads)}")
-            elif unknown := sorted(set(thresholds) - heads[head]):
-                problems.append(f"class_min_confidence: head '{head}' has no class {unknown}")
-        for head in self.config.heads or []:
-            if head not in heads:
-                problems.append(f"disposition.heads names '{head}', the model has {sorted(heads)}")
-        if problems:
-            raise UserError(
-                f"model {card.version} does not fit the disposition table:\n  " + "\n  ".join(problems)
-            )
+            check(("disposition", "class_min_confidence", head), head, thresholds)
+        for i, head in enumerate(self.config.heads or []):
+            check(("disposition", "heads", i), head, [])
+        return problems
+
+    def check_against(self, card: ModelCard) -> None:
+        """Refuse a model whose heads or classes the disposition table does not know."""
+        if problems := self.misfits(card):
+            raise UserError(f"model {card.version} does not fit the disposition table:\n  "
+                            + "\n  ".join(f"{'.'.join(map(str, loc))}: {problem}" for loc, problem in problems))
 
     def threshold(self, head: str, label: str) -> float:
         return self.config.class_min_confidence.get(head, {}).get(label, self.config.min_confidence)

@@ -10,6 +10,7 @@ from appliance.cli import app
 from appliance.config import AppConfig, load_config
 from appliance.errors import UserError
 from appliance.training.recipe import TrainRecipe
+from tests.brightness_model import make_brightness_model
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = """\
@@ -79,13 +80,29 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
 
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     runner = CliRunner()
-    ok = runner.invoke(app, ["check-config", str(write(tmp_path, GOOD))])
+    ok = runner.invoke(app, ["check-config", str(write(tmp_path, f"state_dir: {tmp_path}\n{GOOD}"))])
     assert ok.exit_code == 0, ok.output
-    assert "OK" in ok.output
+    assert "OK" in ok.output and "no model in" in ok.output
     bad = runner.invoke(app, ["check-config", str(write(tmp_path, GOOD.replace("rate_hz: 5", "rate_hz: x")))])
     assert bad.exit_code == 2
     assert "cfg.yaml:6: camera.replay.rate_hz" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_check_config_checks_the_table_against_the_model_to_be_served(tmp_path: Path) -> None:
+    """The same misfit `appliance run` refuses to start with, found offline, with its line."""
+    card = make_brightness_model(tmp_path / "model")  # heads defect_grade (0, 1/3, 2/3, 1) and cell_type
+    line = f"state_dir: {tmp_path}\nmodel: {{path: {tmp_path / 'model'}}}\n" + GOOD.replace("grade:", "defect_grade:")
+    runner = CliRunner()
+    fits = runner.invoke(app, ["check-config", str(write(tmp_path, line))])
+    misfit = runner.invoke(app, ["check-config", str(write(tmp_path, line.replace('["0"]', '["0", "one"]')
+                                                          + "  class_min_confidence: {cell_typ: {mono: 0.9}}\n"))])
+    assert fits.exit_code == 0 and f"the disposition table fits model {card.version}" in fits.output, fits.output
+    assert misfit.exit_code == 2, misfit.output
+    assert ("cfg.yaml:12: disposition.rules.0.when.defect_grade: rule 'ok': head 'defect_grade' has no class "
+            "['one']") in misfit.output
+    assert ("cfg.yaml:14: disposition.class_min_confidence.cell_typ: head 'cell_typ' is not in the model"
+            in misfit.output)
 
 
 def test_duckdb_limits_default_and_bounds(tmp_path: Path) -> None:
