@@ -143,6 +143,18 @@ class LineStats:
             "decided_latency_ms": pct(self.latency_ms), "stored_latency_ms": pct(self.stored_ms),
         }
 
+    def in_words(self) -> str:
+        """The summary as one log line an operator can read."""
+        s = self.summary()
+        mix = ", ".join(f"{d} {n}" for d, n in s["dispositions"].items())
+        latency = "; ".join(f"{what} p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms" for what, v in
+                            (("decided", s["decided_latency_ms"]), ("stored", s["stored_latency_ms"]))
+                            if v["p50"] is not None)
+        return (f"{s['frames']} frames, {s['judged']} judged ({mix or 'none'}), {s['dropped']} dropped, "
+                f"{s['failed']} failed, {s['store_errors']} not stored"
+                + (f", {s['discarded_halted']} discarded while halted" if s["discarded_halted"] else "")
+                + (f"; {latency}" if latency else ""))
+
 
 def make_endpoints(config: AppConfig, daemon: Daemon) -> list[PlcEndpoint]:
     endpoints: list[PlcEndpoint] = []
@@ -309,7 +321,7 @@ class Daemon:
             self.analytics = None
         await asyncio.to_thread(self.store.close)
         if self._started:
-            log.info("line stopped: %s", self.stats.summary())
+            log.info("line stopped: %s", self.stats.in_words())
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
