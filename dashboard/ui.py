@@ -64,6 +64,15 @@ def badge(disposition: str) -> str:
     return f'<span class="badge" style="background:{colour}">{disposition.upper()}</span>'
 
 
+def rule_in_words(rule: str) -> str:
+    """Why the disposition was made, for a supervisor: 'low_confidence:defect_grade=1' reads
+    'the model was unsure of defect_grade = 1'; a table rule is named as the table names it."""
+    if rule.startswith("low_confidence:"):
+        return f"the model was unsure of {rule.removeprefix('low_confidence:').replace('=', ' = ', 1)}"
+    return {"no_rule": "no rule of the table matched", "image_error": "the image could not be judged"}.get(
+        rule, f"rule '{rule}'")
+
+
 def call(fn: Callable[[], T], what: str) -> T | None:
     """Run an API call; on refusal show the API's reason (and log out on an expired token)."""
     try:

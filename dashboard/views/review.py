@@ -7,6 +7,7 @@ only after someone else verifies it (the API refuses self-verification).
 
 from __future__ import annotations
 
+import html
 from functools import partial
 from typing import Any
 
@@ -63,9 +64,10 @@ def show_part(part: dict[str, Any], heads: list[dict[str, Any]]) -> None:
         else:
             st.info("No archived image for this part.")
     with right:
-        reason = "held: the model was unsure" if part["review"] == "hold" else "audit sample of a confident pass"
+        reason = (f"held: {ui.rule_in_words(part['rule'])}" if part["review"] == "hold"
+                  else f"audit sample of a confident {part['disposition']} ({ui.rule_in_words(part['rule'])})")
         st.markdown(f"{ui.badge(part['disposition'])} &nbsp; <span class='big-label'>{part.get('part_id') or ''}"
-                    f"</span><br><span class='muted'>{reason} · rule <b>{part['rule']}</b> · "
+                    f"</span><br><span class='muted' title='rule {html.escape(part['rule'])}'>{reason} · "
                     f"{ui.when(part['acquired_at'])} · batch {part.get('batch') or '—'} · "
                     f"{part['camera_view']} · priority {part.get('priority', 0):.2f}</span>",
                     unsafe_allow_html=True)
@@ -113,6 +115,8 @@ def verification(me: str) -> None:
     api = ui.api()
     pending = ui.call(lambda: api.get("/labels", verified=False, limit=200), "read unverified labels")
     if pending is None:
+        return
+    if not pending["labels"]:  # every label is verified (always so without review.two_person)
         return
     others = [label for label in pending["labels"] if label["labelled_by"] != me]
     mine = len(pending["labels"]) - len(others)

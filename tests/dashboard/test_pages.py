@@ -95,6 +95,10 @@ def test_review_confirm_correct_and_label_record(line: Line, api_url: str) -> No
         before = api.get("/review/queue", params={"limit": 50}).json()
     first = before["results"][0]
     assert first["review"] == "hold"
+    assert first["rule"].startswith("low_confidence:")
+    head, label = first["rule"].removeprefix("low_confidence:").split("=", 1)
+    assert f"held: the model was unsure of {head} = {label}" in texts(at), "why it is held, in words"
+    assert "second person" not in texts(at), "no verification section without review.two_person"
     assert f"{before['waiting']} parts waiting" in texts(at)
     assert charts(at) == 2, "per-class probabilities for both heads"
     assert at.button(key="review_save").label == "Confirm prediction"
