@@ -43,7 +43,9 @@ def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
         for head, h in heads.items():
             ece = (f"{h['ece_uncalibrated']:.3f} → {h['ece']:.3f}"
                    if isinstance(h.get("ece_uncalibrated"), float) and isinstance(h.get("ece"), float) else "")
-            rows.append({"head": head, "measured on": where, "parts": h.get("n"), "accuracy": h.get("accuracy"),
+            accuracy = h.get("accuracy")
+            rows.append({"head": head, "measured on": where, "parts": h.get("n"),
+                         "accuracy": None if accuracy is None else 100 * accuracy,  # shown as "76.8 %", as elsewhere
                          "macro-F1": h.get("macro_f1"), "recall per class": recall_text(h.get("recall")),
                          "ECE before → after calibration": ece})
     return pd.DataFrame(rows)
@@ -138,7 +140,8 @@ def detail(m: dict[str, Any], policy: dict[str, Any]) -> None:
             st.caption("This model card carries no held-out metrics.")
         else:
             st.dataframe(table, hide_index=True, width="stretch", column_config={
-                c: st.column_config.NumberColumn(format="percent") for c in ("accuracy", "macro-F1")})
+                "accuracy": st.column_config.NumberColumn(format="%.1f %%"),
+                "macro-F1": st.column_config.NumberColumn(format="%.3f")})
         blocks = [(f"{head} · {where}", h) for where, heads in evaluations(m) for head, h in heads.items()
                   if isinstance(h.get("confusion"), list)]
         if blocks:

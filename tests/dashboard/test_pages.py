@@ -181,11 +181,11 @@ def test_models_page_shows_the_gates_held_out_metrics(line: Line, api_url: str) 
     assert list(table["head"]) == ["defect_grade", "cell_type"] and set(table["measured on"]) == {"held-out test"}
     for _, row in table.iterrows():
         measured = gate["candidate_metrics"][row["head"]]
-        assert row["accuracy"] == measured["accuracy"] and row["parts"] == measured["n"] == 12
+        assert row["accuracy"] == pytest.approx(100 * measured["accuracy"]) and row["parts"] == measured["n"] == 12
         first = measured["classes"][0]
         assert row["recall per class"].split(" · ")[0] == f"{first}: {measured['recall'][first] * 100:.0f} %"
     overview = eng.dataframe[0].value.set_index("version")
-    assert overview.loc["brightness-v2", "acc defect_grade"] == f"{table['accuracy'].iloc[0] * 100:.1f} %"
+    assert overview.loc["brightness-v2", "acc defect_grade"] == f"{table['accuracy'].iloc[0]:.1f} %"
     assert overview.loc["brightness-v1", "acc defect_grade"] == "—", "no metrics: nothing made up"
     assert overview.loc["brightness-v2", "measured on"] == "held-out test"
 
