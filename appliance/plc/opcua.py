@@ -115,6 +115,26 @@ class OpcUaEndpoint:
         self._sync_task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
 
+    @property
+    def clients(self) -> int:
+        """Connected OPC UA clients (for /health and ``appliance_plc_connections``): open connections
+        that carry an activated session, i.e. clients that are logged in now.
+
+        A session is what a PLC engineer calls "connected" (UaExpert's green plug, a PLC's
+        connection status).  Connections still opening a session, refused (untrusted certificate,
+        wrong password) or whose session is closed are not counted, nor are sessions that outlive
+        their lost connection while they wait for the client to come back (OPC 10000-4 §6.7):
+        nobody is connected through them.
+        """
+        server = self.server
+        bserver = getattr(server, "bserver", None) if server is not None else None
+        if bserver is None:
+            return 0
+        sessions = {id(session) for protocol in bserver.clients
+                    if protocol.processor is not None and (session := protocol.processor.session) is not None
+                    and session.is_activated()}
+        return len(sessions)
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Serve; undo a half start (and raise UserError for what the user can fix)."""
@@ -296,7 +316,7 @@ class OpcUaEndpoint:
             if not status.is_good():
                 log.error("OPC UA: writing %s failed: %s", nid.to_string(), status.name)
 
-    # -- state machines, recipe, consumed inputs -------------------------------------------------
+    # -- state machines, recipe, part inputs -----------------------------------------------------
     async def _sync_loop(self) -> None:
         failing = False
         while True:
@@ -313,8 +333,13 @@ class OpcUaEndpoint:
                 failing = False
 
     async def sync_state(self) -> None:
-        """Mirror the daemon into the state machines, the recipe, the consumed inputs and the health
-        warnings (at most STATE_POLL_S late)."""
+        """Mirror the daemon into the state machines, the recipe, the part inputs and the health
+        warnings (at most STATE_POLL_S late).
+
+        The part inputs (PartId, Batch, ProcessValues) show ``daemon.context``, the part data the
+        next result will carry, whoever wrote it: this server, Modbus, the HTTP API, or a part that
+        consumed the part id and process values.
+        """
         model, control, daemon = self.model, self.control, self.daemon
         if model is None or control is None or self.server is None:
             return
@@ -336,6 +361,7 @@ class OpcUaEndpoint:
                          ("VisionAutomaticModeStateMachineType", auto)),
                 "recipe": ("VisionSystem.RecipeManagement.ActiveRecipe", version),
                 "part": ("VisionSystem.Inputs.PartId", daemon.context.part_id or ""),
+                "batch": ("VisionSystem.Inputs.Batch", daemon.context.batch or ""),
                 "values": ("VisionSystem.Inputs.ProcessValues", list(daemon.context.process_values.values())),
             }
             health = daemon.image_health
@@ -358,7 +384,7 @@ class OpcUaEndpoint:
                     assert self.encoder is not None
                     writes.append((model.app_node(path), ua.Variant(self.encoder.recipe_id(value),
                                                                     ua.VariantType.ExtensionObject)))
-                elif key == "part":
+                elif key in ("part", "batch"):
                     writes.append((model.app_node(path), ua.Variant(value, ua.VariantType.String)))
                 elif key in HEALTH:
                     writes.append((model.app_node(path), ua.Variant(value, HEALTH[key][1])))

@@ -268,12 +268,14 @@ class LineControl:
 
     # -- inputs (values written by the PLC) --------------------------------------------------------
     async def write_part_id(self, value: Any) -> Any:
-        self.daemon.context.part_id = text_id(value, "PartId") or None
-        return value
+        text = text_id(value, "PartId")
+        self.daemon.context.part_id = text or None
+        return text  # the variable shows the part id in use (trimmed)
 
     async def write_batch(self, value: Any) -> Any:
-        self.daemon.context.batch = text_id(value, "Batch") or None
-        return value
+        text = text_id(value, "Batch")
+        self.daemon.context.batch = text or None
+        return text
 
     async def write_value_names(self, value: Any) -> Any:
         names = [text_id(v, "ProcessValueNames") for v in (value or [])]

@@ -61,17 +61,18 @@ class Pki:
             folder.mkdir(parents=True, exist_ok=True)
         self.key_path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.key_path.parent, 0o700)
+        had_certificate = self.cert_path.is_file()  # clients may trust it: replacing it is news
         if self.key_path.is_file():
             key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
             if not isinstance(key, rsa.RSAPrivateKey):
                 raise ValueError(f"{self.key_path}: not an RSA key")
+            reason = self._renewal_reason(application_uri, hostnames, key)
         else:
             key = generate_private_key()
             _write_private(self.key_path, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption()))
-            self.cert_path.unlink(missing_ok=True)  # a new key needs a new certificate
-        reason = self._renewal_reason(application_uri, hostnames, key)
+            reason = "its private key was missing"  # a new key needs a new certificate
         if reason is None:
             return False
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
@@ -82,14 +83,17 @@ class Pki:
         tmp = self.cert_path.with_suffix(".tmp")
         tmp.write_bytes(cert.public_bytes(serialization.Encoding.DER))
         os.replace(tmp, self.cert_path)
-        log.warning("OPC UA server certificate %s (%s); thumbprint %s — clients that trusted the "
-                    "old one must trust this one", self.cert_path, reason, thumbprint(cert))
+        if had_certificate:
+            log.warning("OPC UA server certificate %s replaced (%s); thumbprint %s — clients that "
+                        "trusted the old one must trust this one", self.cert_path, reason, thumbprint(cert))
+        else:
+            log.info("OPC UA server certificate %s created; thumbprint %s", self.cert_path, thumbprint(cert))
         return True
 
     def _renewal_reason(self, application_uri: str, hostnames: list[str],
                         key: rsa.RSAPrivateKey) -> str | None:
         if not self.cert_path.is_file():
-            return "created"
+            return "there was none"
         try:
             cert = x509.load_der_x509_certificate(self.cert_path.read_bytes())
         except ValueError:

@@ -17,10 +17,13 @@ import logging
 import re
 import shutil
 import socket
+import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from asyncua import Client, ua
 
@@ -404,3 +407,136 @@ def test_service_faults_are_counted_and_logged_as_warnings(run: dict[str, Any]) 
     assert not [r for r in asyncua if r[1] >= logging.ERROR], asyncua
     reported = [r for r in run["log"] if r[0] == opcua_faults.__name__]
     assert {r[2] for r in reported if r[1] == logging.WARNING and "answered a client request with" in r[3]} >= expected
+
+
+# -- the part context across protocols, connected clients ------------------------------------------
+MODBUS_PART_ID, MODBUS_BATCH = 101, 117
+"""Holding registers of the shipped map (configs/modbus_map.yaml): 16 registers of text each."""
+
+
+async def _modbus(port: int, pdu: bytes) -> bytes:
+    """One Modbus TCP request (unit 1) over a raw socket; returns the answer's PDU."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(struct.pack(">HHHB", 7, 0, len(pdu) + 1, 1) + pdu)
+        _tid, _pid, length, _unit = struct.unpack(">HHHB", await asyncio.wait_for(reader.readexactly(7), 5))
+        answer = await asyncio.wait_for(reader.readexactly(length - 1), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert answer[0] == pdu[0], f"Modbus exception {answer.hex()}"
+    return answer
+
+
+async def _modbus_write_text(port: int, address: int, *texts: str) -> None:
+    """FC 16: consecutive 16-register text fields from ``address`` (the PLC's one write of its inputs)."""
+    raw = b"".join(t.encode("ascii").ljust(32, b"\0") for t in texts)
+    count = len(raw) // 2
+    await _modbus(port, struct.pack(">BHHB", 16, address, count, len(raw)) + raw)
+
+
+async def _modbus_read_text(port: int, address: int) -> str:
+    """FC 3: a 16-register text field."""
+    answer = await _modbus(port, struct.pack(">BHH", 3, address, 16))
+    return answer[2:2 + answer[1]].split(b"\0", 1)[0].decode("ascii")
+
+
+async def _eventually(read: Callable[[], Any], expected: Any, timeout: float = 3.0) -> Any:
+    """``await read()`` until it gives ``expected`` (the OPC UA inputs mirror the daemon every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while (value := await read()) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def test_inputs_show_the_batch_and_part_in_use_whichever_protocol_wrote_them(
+        tmp_path: Path, line_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The part context is one: a batch written over Modbus shows in OPC UA Inputs/Batch, a batch
+    written over OPC UA in the Modbus batch register, the configured batch in both before anybody
+    wrote one; the part id shows until a part consumes it, and the batch stays (sticky)."""
+    monkeypatch.setenv("APPLIANCE_OPCUA_USER", "plc")
+    monkeypatch.setenv("APPLIANCE_OPCUA_PASSWORD", "plc-password-1")
+    images = tmp_path / "images"
+    write_grade_images(images, GRADES)
+    port, mb_port = free_port(), free_port()
+    cfg = line_config(images, camera={"view": "top", "source": "replay",
+                                      "replay": {"path": str(images), "triggered": True, "loop": True}},
+                      opcua={"enabled": True, "port": port, "insecure_commissioning": True},
+                      modbus={"enabled": True, "port": mb_port})
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        client = Client(f"opc.tcp://127.0.0.1:{port}")
+        client.set_user("plc")
+        client.set_password("plc-password-1")
+        async with client:
+            app = (await client.get_namespace_array()).index("urn:defect-appliance:opcua")
+            batch, part_id, trigger = (client.get_node(ua.NodeId(f"VisionSystem.Inputs.{name}", app))
+                                       for name in ("Batch", "PartId", "Trigger"))
+            # before anybody wrote one: the configured batch (line.batch), on both protocols
+            assert await batch.read_value() == "B-001"
+            assert await _modbus_read_text(mb_port, MODBUS_BATCH) == "B-001"
+
+            # the Modbus PLC writes its inputs (one FC 16: part id, batch)
+            await _modbus_write_text(mb_port, MODBUS_PART_ID, "SN-0007", "LOT-0012")
+            assert await _eventually(batch.read_value, "LOT-0012") == "LOT-0012"
+            assert await _eventually(part_id.read_value, "SN-0007") == "SN-0007"
+
+            # an OPC UA client changes the batch: Modbus shows it, and the next part carries it
+            await batch.write_value(ua.Variant("LOT-OPC-7", ua.VariantType.String))
+            assert daemon.context.batch == "LOT-OPC-7"
+            assert await _modbus_read_text(mb_port, MODBUS_BATCH) == "LOT-OPC-7"
+            await trigger.write_value(ua.Variant(True, ua.VariantType.Boolean))
+            await daemon.wait_for_results(1, timeout=10)
+            assert daemon.latest is not None
+            assert (daemon.latest.batch, daemon.latest.part_id) == ("LOT-OPC-7", "SN-0007")
+            # the part id was consumed by that part; the batch is sticky
+            assert await _eventually(part_id.read_value, "") == ""
+            assert await batch.read_value() == "LOT-OPC-7"
+            assert await _modbus_read_text(mb_port, MODBUS_BATCH) == "LOT-OPC-7"
+    finally:
+        await daemon.stop()
+
+
+async def test_connected_opcua_clients_are_counted_in_health_and_metrics(
+        tmp_path: Path, line_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client counts while it has an activated session: not while its connection has not opened
+    one, and no longer once it has disconnected.  /api/v1/health and appliance_plc_connections say so."""
+    monkeypatch.setenv("APPLIANCE_OPCUA_USER", "plc")
+    monkeypatch.setenv("APPLIANCE_OPCUA_PASSWORD", "plc-password-1")
+    images = tmp_path / "images"
+    write_grade_images(images, GRADES)
+    port = free_port()
+    cfg = line_config(images, opcua={"enabled": True, "port": port, "insecure_commissioning": True})
+    daemon = Daemon(cfg)
+    await daemon.start()
+    url = f"opc.tcp://127.0.0.1:{port}"
+
+    async def counted() -> tuple[Any, float | None]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}/api/v1") as api:
+            health = (await api.get("/health")).json()["plc"]["opcua"]
+            metrics = (await api.get("/metrics")).text
+        found = re.search(r'^appliance_plc_connections\{protocol="opcua"\} (\S+)$', metrics, re.M)
+        assert health["online"] is True
+        return health["clients"], float(found.group(1)) if found else None
+
+    try:
+        assert await counted() == (0, 0.0)
+        _, idle = await asyncio.open_connection("127.0.0.1", port)  # TCP only: no session
+        try:
+            await asyncio.sleep(0.1)
+            assert await counted() == (0, 0.0)
+            operator = Client(url)
+            operator.set_user("plc")
+            operator.set_password("plc-password-1")
+            async with operator:
+                async with Client(url) as anonymous:  # commissioning mode: an anonymous reader
+                    await anonymous.get_namespace_array()
+                    assert await counted() == (2, 2.0)
+                assert await _eventually(counted, (1, 1.0)) == (1, 1.0)
+            assert await _eventually(counted, (0, 0.0)) == (0, 0.0)
+        finally:
+            idle.close()
+            await idle.wait_closed()
+    finally:
+        await daemon.stop()

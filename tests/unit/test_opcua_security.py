@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 from datetime import UTC, datetime, timedelta
@@ -136,6 +137,41 @@ def test_server_certificate_is_created_once_with_a_private_key(tmp_path: Path) -
     assert pki.ensure_server_certificate("urn:host:appliance", ["renamed"]) is True  # new host name
     assert pki.key_path.read_bytes() == key  # the key stays
     assert (pki.trusted.is_dir(), pki.rejected.is_dir()) == (True, True)
+
+
+def test_a_first_certificate_is_announced_plainly_and_a_replaced_one_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Created where there was none: INFO with the thumbprint, nothing about an "old one".  Replaced
+    (host renamed, key lost): WARNING, why, and that clients must trust the new one."""
+    pki = Pki(tmp_path / "pki")
+
+    def logged() -> list[tuple[int, str]]:
+        rows = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "appliance.plc.opcua_pki"]
+        caplog.clear()
+        return rows
+
+    def current() -> str:
+        return thumbprint(x509.load_der_x509_certificate(pki.cert_path.read_bytes()))
+
+    with caplog.at_level(logging.DEBUG, logger="appliance.plc.opcua_pki"):
+        pki.ensure_server_certificate("urn:host:appliance", ["host"])
+        assert logged() == [(logging.INFO, f"OPC UA server certificate {pki.cert_path} created; "
+                                           f"thumbprint {current()}")]
+        pki.ensure_server_certificate("urn:host:appliance", ["host"])
+        assert logged() == []  # kept: nothing to say
+        pki.ensure_server_certificate("urn:host:appliance", ["renamed"])
+        assert logged() == [(logging.WARNING, f"OPC UA server certificate {pki.cert_path} replaced (the host "
+                                              f"name changed); thumbprint {current()} — clients that trusted "
+                                              "the old one must trust this one")]
+        pki.key_path.unlink()
+        pki.ensure_server_certificate("urn:host:appliance", ["renamed"])
+        [(level, message)] = logged()
+        assert level == logging.WARNING and "replaced (its private key was missing)" in message
+        assert current() in message
+        pki.cert_path.unlink()  # the certificate deleted, the key kept: no old one any more
+        pki.ensure_server_certificate("urn:host:appliance", ["renamed"])
+        [(level, message)] = logged()
+        assert level == logging.INFO and message.endswith(f"created; thumbprint {current()}")
 
 
 def test_an_unknown_client_certificate_lands_in_rejected_until_moved_to_trusted(tmp_path: Path) -> None:
