@@ -9,6 +9,9 @@ Handshake (docs/plc-modbus.md has the timing diagram)::
     PLC: result_ack 0->1   appliance: result_valid=0
     PLC: trigger 1->0      appliance: trigger_ack=0 (ready again once not busy)
 
+``ready`` is 1 only while a trigger would be served: vision state operational, the camera waits for
+triggers (never on a free-running line), no trigger pending, the trigger bit clear.
+
 The part inputs (part id, process values) belong to exactly one part, the next one; the batch is
 sticky.  On a free-running line they go into ``daemon.context`` when written; a trigger takes
 them out of it and hands them to ``daemon.trigger``.  Status bits are computed when a PLC reads,
@@ -116,6 +119,7 @@ class ModbusEndpoint:
         self.pending = 0  # triggers whose result is not settled yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._trigger_trouble = Persistent(log)
+        self._batch_shown: str | None = None  # the batch the ``batch`` register was last set to
 
     @property
     def clients(self) -> int:
@@ -180,6 +184,7 @@ class ModbusEndpoint:
     def write(self, table: str, address: int, values: list[int]) -> None:
         assert self.image is not None
         img = self.image
+        self._show_batch()  # a write of part of the batch changes the batch in use
         before = self._control_bits()
         touched = img.write(table, address, values)
         names = {e.name for e in touched}
@@ -258,7 +263,7 @@ class ModbusEndpoint:
         assert self.image is not None
         img, state = self.image, self.daemon.state
         bits = {
-            "ready": state == "operational" and self.pending == 0 and not img.get("trigger"),
+            "ready": self._ready(state),
             "trigger_ack": self.trigger_ack, "busy": self.pending > 0,
             "result_valid": self.result_valid, "error": state == "error",
             "camera_online": self.daemon.camera_online, "halted": state == "halted",
@@ -272,6 +277,31 @@ class ModbusEndpoint:
         img.set("status_word", word)
         img.set("control_word", sum(int(img.get(n)) << (img.map[n].bit or 0) for n in CONTROL_BITS))
         img.set("vision_state", img.map.code("vision_state", state))
+        self._show_batch()
+
+    def _show_batch(self) -> None:
+        """The ``batch`` register holds the batch in use (``daemon.context``), whoever set it; text it
+        cannot hold (not printable ASCII) shows as '?', a longer batch is cut."""
+        assert self.image is not None
+        batch = self.daemon.context.batch or ""
+        if batch != self._batch_shown:
+            self.image.set("batch", "".join(c if " " <= c < "\x7f" else "?" for c in batch))
+            self._batch_shown = batch
+
+    def _ready(self, state: str) -> bool:
+        """Whether a trigger rising now is served: false for every refusal known in advance.
+
+        The refusals (``_run_trigger``): halted (trigger_error 1), a free-running camera (2; also
+        after a run-time switch to continuous), appliance starting or stopping (4), camera offline
+        or stalled (5); a finished replay never delivers the frame.  Vision state Error also covers
+        results that could not be stored, where the PLC should not go on triggering either.  What
+        cannot be known in advance (a frame dropped because the classifier is full, a camera that
+        fails during the trigger) is still reported through trigger_failed / trigger_error.
+        """
+        assert self.image is not None
+        source = self.daemon.source
+        return (state == "operational" and not source.continuous and not source.finished
+                and self.pending == 0 and not self.image.get("trigger"))
 
     async def _heartbeat(self) -> None:
         assert self.image is not None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import UserError
@@ -269,7 +270,10 @@ def encode(entry: Entry, value: Value, word_order: WordOrder = "big") -> list[in
 
 
 def decode(entry: Entry, registers: Sequence[int], word_order: WordOrder = "big") -> Value:
-    """The value ``registers`` hold; ValueError for text that is not printable ASCII or NaN/inf."""
+    """The value ``registers`` hold; ValueError for text that is not printable ASCII or NaN/inf.
+
+    A float32 comes back as the shortest double that rounds to it (12.02, not 12.020000457763672).
+    """
     if entry.type == "string":
         raw = struct.pack(f">{len(registers)}H", *registers).split(b"\0", 1)[0]
         if any(not 0x20 <= c < 0x7F for c in raw):
@@ -281,9 +285,22 @@ def decode(entry: Entry, registers: Sequence[int], word_order: WordOrder = "big"
     if word_order == "little":
         words.reverse()
     (value,) = struct.unpack(STRUCT[entry.type], struct.pack(f">{len(words)}H", *words))
-    if entry.type == "float32" and not math.isfinite(value):
-        raise ValueError(f"{entry.name}: NaN and infinities are not process values")
+    if entry.type == "float32":
+        if not math.isfinite(value):
+            raise ValueError(f"{entry.name}: NaN and infinities are not process values")
+        return float32_value(value)
     return value
+
+
+def float32_value(value: float) -> float:
+    """The shortest double that rounds to the same float32 as ``value``: what the PLC wrote.
+
+    A PLC's REAL 12.02 arrives as the float32 nearest to it, 12.0200004577...; widened as it is,
+    that noise would be stored and shown.  The shortest decimal that identifies the float32 (what
+    the PLC's own display shows, numpy's float32 repr) is 12.02, and it still rounds to the very
+    same float32, so nothing the register held is lost.
+    """
+    return float(np.format_float_scientific(np.float32(value), unique=True))
 
 
 def markdown_table(regmap: RegisterMap) -> str:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from appliance.daemon import Daemon
@@ -27,7 +28,7 @@ from appliance.plc.modbus_map import MapError, load_register_map
 from appliance.plc.modbus_wire import ModbusTcpServer, answer
 from appliance.store import ResultFilter
 from tests.brightness_model import GRADES
-from tests.conftest import free_port, write_grade_images
+from tests.conftest import auth_headers, free_port, write_grade_images
 
 pytestmark = pytest.mark.skipif(shutil.which("mbpoll") is None,
                                 reason="needs Debian mbpoll (scripts/system-deps.sh)")
@@ -295,6 +296,112 @@ async def test_a_camera_that_refuses_the_trigger_is_reported(tmp_path: Path, lin
     assert error == {3: 5}  # camera error
 
 
+
+# -- ready: 1 exactly when a trigger would be served -----------------------------------------------
+
+async def test_ready_is_0_on_a_free_running_line_whose_camera_refuses_triggers(
+        tmp_path: Path, line_config) -> None:
+    """The reviewer's demo line: a free-running camera at 10 parts/s, operational and online."""
+    cfg, port = free_running_line(tmp_path, line_config, rate_hz=10)
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        before = await status(port)
+        regs = await mb_read(port, "-t", "4", "-r", "1", "-c", "2")  # status_word, vision_state
+        await mb_write(port, "-t", "0", "-r", "0", values=[1])  # a PLC that ignores ready
+        refused = await wait_status(port, "trigger_failed", True)
+        error = await mb_read(port, "-t", "4", "-r", "3")
+    finally:
+        await daemon.stop()
+    assert before["camera_online"] and regs[2] == 1, "operational and online, as in the demo"
+    assert not before["ready"] and int(regs[1]) & 1 == 0, "status_word bit 0 says the same"
+    assert error == {3: 2} and not refused["ready"], "the refusal ready announced: camera runs free"
+
+
+async def test_ready_follows_the_acquisition_mode_and_the_camera(tmp_path: Path, line_config) -> None:
+    cfg, port = triggered_line(tmp_path, line_config, ["0"])
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        triggered = await status(port)
+        # no trigger, no frame: nothing clears the stall while the camera is marked offline
+        daemon.camera_stalled = True  # as after a stall: the camera is offline, vision state error
+        offline = await status(port)
+        daemon.camera_stalled = False
+        online = await status(port)
+        await daemon.set_continuous(True)  # e.g. OPC UA StartContinuous
+        free = await status(port)
+        await mb_write(port, "-t", "0", "-r", "0", values=[1])
+        refused = await wait_status(port, "trigger_failed", True)
+        error = await mb_read(port, "-t", "4", "-r", "3")
+        await mb_write(port, "-t", "0", "-r", "0", values=[0])
+        await daemon.set_continuous(False)
+        back = await wait_status(port, "ready", True)
+    finally:
+        await daemon.stop()
+    assert triggered["ready"]
+    assert not offline["ready"] and not offline["camera_online"] and offline["error"]
+    assert online["ready"]
+    assert not free["ready"] and free["camera_online"]
+    assert error == {3: 2} and not refused["ready"]
+    assert back["ready"]
+
+
+async def test_ready_is_0_once_a_finite_replay_has_delivered_its_last_image(
+        tmp_path: Path, line_config) -> None:
+    images = tmp_path / "images"
+    write_grade_images(images, ["0"])
+    port = free_port()
+    cfg = line_config(images, camera={"view": "top", "source": "replay",
+                                      "replay": {"path": str(images), "triggered": True, "loop": False}},
+                      plc=PLC, modbus={"enabled": True, "port": port})
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        first = await status(port)
+        await mb_write(port, "-t", "0", "-r", "0", values=[1])
+        await wait_status(port, "result_valid", True)
+        await mb_write(port, "-t", "0", "-r", "0", values=[0])
+        await wait_status(port, "trigger_ack", False)
+        await asyncio.sleep(0.2)
+        after = await status(port)
+        finished = daemon.source.finished
+    finally:
+        await daemon.stop()
+    assert first["ready"]
+    assert finished and not after["ready"], "no further frame will come: a trigger would never be served"
+
+
+# -- process values: what the PLC wrote -------------------------------------------------------------
+
+async def test_float32_process_values_are_stored_as_the_plc_wrote_them(tmp_path: Path, line_config) -> None:
+    """12.02 written as a REAL is stored, served and exported as 12.02, not 12.020000457763672."""
+    cfg, port = triggered_line(tmp_path, line_config, ["0"])
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        await mb_write(port, "-t", "4:float", "-B", "-r", "133", values=[12.02, 252.2, -0.1])
+        await mb_write(port, "-t", "0", "-r", "0", values=[1])
+        await wait_status(port, "result_valid", True)
+        latest = daemon.latest
+        assert latest is not None
+        daemon.store.flush()
+        stored = daemon.store.get(latest.result_id)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}/api/v1") as api:
+            served = await api.get(f"/results/{latest.result_id}", headers=auth_headers(daemon, "operator"))
+            exported = await api.get("/analytics/export", headers=auth_headers(daemon, "engineer"))  # CSV
+    finally:
+        await daemon.stop()
+    wanted = {"process_value_1": 12.02, "process_value_2": 252.2, "process_value_3": -0.1}
+    assert latest.process_values == wanted
+    assert stored is not None and stored["process_values"] == wanted
+    assert served.status_code == 200 and served.json()["process_values"] == wanted
+    assert exported.status_code == 200, exported.text
+    assert "12.02" in exported.text and "252.2" in exported.text
+    for noise in ("12.0200004", "252.199996", "0.100000001"):
+        assert noise not in served.text and noise not in exported.text
+
+
 # -- the wire: pipelining, exceptions, garbage, limits ---------------------------------------------
 
 async def test_pipelined_requests_in_one_segment_are_all_answered_in_order(
@@ -534,5 +641,6 @@ async def test_the_demos_simulated_plc_gives_every_part_a_lot_and_its_own_readin
     assert {"LOT-0001", "LOT-0002", "LOT-0003"} <= lots, lots
     temperatures = [r["process_values"]["process_value_1"] for r in fed]
     assert all(235 <= t <= 255 for t in temperatures)
+    assert all(t == round(t, 1) for t in temperatures), "stored as the PLC wrote them, no float32 noise"
     assert len(set(temperatures)) > len(fed) // 2, "each part gets the reading of its own moment"
     assert all(r["part_id"].startswith("part") for r in fed), "no part id written: the image names stay"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import struct
 from pathlib import Path
@@ -98,11 +99,43 @@ def test_32_bit_values_honour_the_word_order() -> None:
     assert encode(pv, 1.5, "big") == [0x3FC0, 0x0000]
     for order in ("big", "little"):
         for value in (0.0, -1234.5, 3.25e-7, 1e30):
-            as_float32 = struct.unpack(">f", struct.pack(">f", value))[0]
-            assert decode(pv, encode(pv, value, order), order) == as_float32
+            decoded = decode(pv, encode(pv, value, order), order)
+            assert decoded == value and struct.pack(">f", decoded) == struct.pack(">f", value)
         assert decode(seq, encode(seq, 4_000_000_000, order), order) == 4_000_000_000
     pinned = seq.model_copy(update={"word_order": "big"})
     assert regmap.encode(pinned, 1) == [0, 1], "an explicit order in the map wins over the config"
+
+
+def test_a_float32_process_value_is_what_the_plc_wrote_not_its_binary_expansion() -> None:
+    """A PLC's REAL 12.02 is the float32 12.0200004577...; the appliance stores 12.02 (its shortest
+    decimal, which rounds back to the very same float32), so the API and exports show what the PLC
+    showed."""
+    pv = load_register_map(None, "big")["process_value_1"]
+    for order in ("big", "little"):
+        for value in (12.02, 252.2, 0.1, -7.3, 12.5, 245.0, 1e-45, 3.4028235e38, -3.4028235e38):
+            decoded = decode(pv, encode(pv, value, order), order)
+            assert isinstance(decoded, float) and repr(decoded) == repr(value), (order, value, decoded)
+    assert repr(decode(pv, [0x8000, 0])) == "-0.0", "the sign of zero stays"
+    rng = random.Random(32)
+    for _ in range(20_000):  # any bit pattern: the same float32, in the fewest digits that say so
+        bits = rng.getrandbits(32)
+        raw = struct.pack(">I", bits)
+        (exact,) = struct.unpack(">f", raw)
+        if not math.isfinite(exact):
+            continue
+        decoded = decode(pv, [bits >> 16, bits & 0xFFFF])
+        assert isinstance(decoded, float) and struct.pack(">f", decoded) == raw, hex(bits)
+        digits = next(p for p in range(1, 10) if struct.pack(">f", float(f"{exact:.{p}g}")) == raw)
+        assert decoded == float(f"{exact:.{digits}g}"), hex(bits)
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.nan, math.inf, -math.inf])
+def test_nan_and_infinite_process_values_are_still_refused(value: float) -> None:
+    pv = load_register_map(None, "big")["process_value_1"]
+    with pytest.raises(ValueError, match="NaN and infinities"):
+        decode(pv, list(struct.unpack(">HH", struct.pack(">f", value))))
+    with pytest.raises(ValueError, match="NaN and infinities"):  # a NaN with a payload too
+        decode(pv, [0x7FC1, 0x2345])
 
 
 def test_strings_are_ascii_two_characters_per_register() -> None:
