@@ -53,7 +53,7 @@ def disposition_mix(mix: dict[str, int]) -> AnyChart:
     """One horizontal bar split by disposition, in the fixed colours."""
     df = pd.DataFrame([{"disposition": d, "parts": mix.get(d, 0), "order": i}
                        for i, d in enumerate(DISPOSITIONS)])
-    chart = alt.Chart(df).mark_bar(size=46).encode(
+    chart = alt.Chart(df).mark_bar(size=30).encode(
         x=alt.X("sum(parts):Q", title="parts", stack="normalize", axis=alt.Axis(format="%")),
         color=alt.Color("disposition:N", scale=alt.Scale(domain=list(DISPOSITIONS),
                                                          range=list(DISPOSITION_COLOURS.values())),
@@ -64,9 +64,11 @@ def disposition_mix(mix: dict[str, int]) -> AnyChart:
 
 
 def throughput(per_minute: list[dict[str, Any]]) -> AnyChart:
+    """One bar per minute, as wide as its minute (the time unit makes the band; a plain time axis
+    draws 1-px bars)."""
     df = _frame(per_minute, "t")
-    chart = alt.Chart(df).mark_bar(color=BLUE).encode(
-        x=alt.X("t:T", title=None, axis=TIME_AXIS),
+    chart = alt.Chart(df).mark_bar(color=BLUE, binSpacing=2).encode(
+        x=alt.X("yearmonthdatehoursminutes(t):T", title=None, axis=TIME_AXIS),
         y=alt.Y("parts:Q", title="parts / min"),
         tooltip=[alt.Tooltip("t:T", format="%H:%M"), "parts"])
     return _style(chart, 220)
