@@ -57,8 +57,11 @@ class ImageArchive:
             raise ValueError(f"image reference outside the archive: {ref}")
         return path
 
-    def keep(self, disposition: str, failed: bool) -> bool:
-        share = 1.0 if failed else self.retention.share(disposition)
+    def keep(self, disposition: str, failed: bool, review: str | None = None) -> bool:
+        """Whether to archive a part's image: always for a failed part or one waiting for review (a
+        person must see it, and its label can train a model only with its image), else by the
+        retention share of its disposition."""
+        share = 1.0 if failed or review is not None else self.retention.share(disposition)
         return share >= 1.0 or self._rng.random() < share
 
     def submit(self, result_id: str, acquired_at: datetime, image: np.ndarray | None,

@@ -574,7 +574,7 @@ class Daemon:
                 "total_ms": (t_done - frame.acquired_ns) / 1e6,
             },
         )
-        if self.archive.keep(result.disposition, failed=prediction is None):
+        if self.archive.keep(result.disposition, failed=prediction is None, review=result.review):
             result.image_ref = self.archive.submit(result_id, frame.acquired_at, frame.image, frame.encoded)
         return result
 

@@ -137,7 +137,8 @@ async def test_holds_and_audit_samples_waiting_are_counted_apart(tmp_path: Path,
 
     monkeypatch.setattr(appliance.daemon, "HOLDS_REFRESH_S", 0.1)
     disposition = {**DISPOSITION, "audit_rate": 1.0}  # every confident pass is sampled for audit
-    daemon = await start(tmp_path, line_config, disposition=disposition)
+    no_passes_kept = {"retention": {"pass": 0.0, "min_free_mb": 0}}
+    daemon = await start(tmp_path, line_config, disposition=disposition, store=no_passes_kept)
     try:
         async with client(daemon, auth_headers(daemon, "operator")) as api:
             queue = (await api.get("/review/queue")).json()
@@ -153,6 +154,7 @@ async def test_holds_and_audit_samples_waiting_are_counted_apart(tmp_path: Path,
     finally:
         await daemon.stop()
     assert queue["waiting"] == 6, "four held parts and two audit samples (the two dark passes)"
+    assert all(r["image_ref"] for r in queue["results"]), "a part to review keeps its image, audit passes too"
     assert (health["holds_waiting"], health["audits_waiting"]) == (3, 2)
     assert "appliance_holds_waiting 3.0" in metrics and "appliance_audits_waiting 2.0" in metrics
     assert (live["holds_waiting"], live["audits_waiting"]) == (3, 2)
