@@ -59,7 +59,8 @@ def _table_fits_model(file: Path, config: AppConfig) -> str:
     from appliance.registry import ModelRegistry
     from appliance.yamlio import line_of, load_yaml_with_lines
 
-    path = config.resolve(config.model.path) if config.model.path else ModelRegistry(config.models_dir).champion_path()
+    path = ModelRegistry(config.models_dir).champion_path() or (
+        config.resolve(config.model.path) if config.model.path else None)  # as the daemon chooses
     if path is None:
         return f"no model in {config.models_dir} yet: the disposition table is checked against it at start"
     card = read_card(path)

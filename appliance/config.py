@@ -101,7 +101,8 @@ class CameraConfig(Strict):
 class ModelConfig(Strict):
     path: Path | None = Field(
         default=None,
-        description="A model package folder to serve. If absent, the registry's champion is served.")
+        description="The model package the line starts with. Once a model has been promoted (or rolled "
+                    "back to), the registry's champion is served instead, also after a restart.")
     inference_workers: int = Field(
         default=2, ge=1, le=16,
         description="Frames classified at the same time, each on its own thread; results are still "

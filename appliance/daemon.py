@@ -270,13 +270,19 @@ class Daemon:
                  self.config.camera.view, self.config.camera.source, self.config.api.host, self.api_port)
 
     def _load_model(self) -> Classifier:
+        """The registry's champion once there is one (a promote or rollback made it), else model.path:
+        the configured model is where a line starts, and a restart never undoes a promotion."""
         path = self.registry.champion_path()
-        if self.config.model.path is not None:
-            path = self.config.resolve(self.config.model.path)
+        configured = self.config.resolve(self.config.model.path) if self.config.model.path else None
+        if path is None:
+            path = configured
+        elif configured is not None and configured.resolve() != path.resolve():
+            log.warning("serving the registry's champion %s, not model.path %s: model.path is the first model; "
+                        "a promote or rollback since then decides (appliance models list)", path.name, configured)
         if path is None:
             raise UserError(
-                f"no model to serve: set model.path, or register one in {self.registry.root} "
-                "(`appliance train` / `appliance demo`)"
+                f"no model to serve: set model.path to a model package (e.g. one `appliance train` wrote or "
+                f"registered in {self.registry.root}); promotions then choose the model served"
             )
         m = self.config.model
         classifier = Classifier(path, m.intra_op_threads, m.warmup_runs, m.spin_wait)

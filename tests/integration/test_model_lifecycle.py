@@ -133,3 +133,36 @@ async def test_tampered_model_is_refused_and_the_champion_keeps_serving(tmp_path
     assert refused.status_code == 422 and "sha256" in refused.text
     assert daemon.classifier is not None and daemon.classifier.version == "v1"
     assert registry.champion() == "v1"
+
+
+async def test_a_restart_serves_the_promoted_model_not_model_path(tmp_path: Path, line_config, state_dir: Path) -> None:
+    """model.path is where a line starts; a promotion must survive a restart (systemd restarts on
+    failure and on reboot), and check-config looks at the model the daemon will serve."""
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    registry = ModelRegistry(state_dir / "models")
+    for name in ("v1", "v3-same"):
+        make_brightness_model(tmp_path / name, version=name)
+        registry.register(tmp_path / name)
+    images = tmp_path / "line"
+    write_grade_images(images, GRADES)
+    cfg = line_config(images, model={"path": str(registry.path("v1")), "warmup_runs": 1},
+                      registry={"holdout": str(write_holdout(tmp_path / "holdout")), "gate_margin": 0.02})
+    first = Daemon(cfg)
+    await first.start()
+    try:
+        assert first.classifier is not None and first.classifier.version == "v1", "no champion yet: model.path"
+        await first.promote("v3-same", "erik")
+    finally:
+        await first.stop()
+    again = Daemon(cfg)
+    await again.start()
+    try:
+        served = again.classifier.version if again.classifier else None
+    finally:
+        await again.stop()
+    checked = await asyncio.to_thread(CliRunner().invoke, app, ["check-config", str(tmp_path / "line.yaml")])
+    assert served == "v3-same" and registry.champion() == "v3-same"
+    assert "fits model v3-same" in checked.output, checked.output
