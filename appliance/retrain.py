@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -39,11 +40,13 @@ PROGRESS_EVERY_S = 0.5
 
 
 def build_training_set(job: Path, base: Path, labels: list[dict[str, Any]], archive: Path,
-                       image_refs: dict[str, str | None]) -> dict[str, int]:
+                       image_refs: dict[str, str | None], holdout: Path | None = None) -> dict[str, int]:
     """Write ``job/dataset``: the base rows plus verified labels as extra training rows.
 
     ``labels`` are current, verified label rows (result_id, head, label); ``image_refs`` maps each
-    result to its archived image.  Labels of results whose image was not kept are skipped.
+    result to its archived image.  Labels of results whose image was not kept are skipped, and so
+    are images identical to one of ``holdout``'s test images: the gate judges the candidate on
+    those, so it must not have trained on them (a line replaying the holdout, as the demo does).
     """
     base_ds = load_dataset(base)
     root = job / "dataset"
@@ -59,7 +62,12 @@ def build_training_set(job: Path, base: Path, labels: list[dict[str, Any]], arch
     for row in labels:
         if row["head"] in heads:
             by_result[row["result_id"]][row["head"]] = row["label"]
-    counts = {"base_rows": len(base_ds.samples), "verified_parts": 0, "skipped_no_image": 0}
+    counts = {"base_rows": len(base_ds.samples), "verified_parts": 0, "skipped_no_image": 0,
+              "skipped_in_holdout": 0}
+    held_out: set[str] = set()
+    if holdout is not None:  # the rows the gate evaluates: the test split, or every row without splits
+        gate_ds = load_dataset(holdout)
+        held_out = {_sha256(s.image) for s in (gate_ds.split("test") if gate_ds.has_splits else gate_ds.samples)}
     with (root / "labels.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", *heads, "split"])
@@ -71,9 +79,16 @@ def build_training_set(job: Path, base: Path, labels: list[dict[str, Any]], arch
             if not ref or not (archive / ref).is_file():
                 counts["skipped_no_image"] += 1
                 continue
+            if _sha256(archive / ref) in held_out:
+                counts["skipped_in_holdout"] += 1
+                continue
             writer.writerow([f"archive/{ref}", *(head_labels.get(h, "") for h in heads), "train"])
             counts["verified_parts"] += 1
     return counts
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_progress(job: Path, **state: Any) -> None:
@@ -190,8 +205,9 @@ class Retrainer:
         refs = await asyncio.to_thread(store.image_refs, sorted({row["result_id"] for row in labels}))
         job_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         folder = cfg.state_dir / "retrain" / job_id
+        holdout = cfg.resolve(cfg.registry.holdout) if cfg.registry.holdout is not None else None
         counts = await asyncio.to_thread(build_training_set, folder, cfg.resolve(base), labels,
-                                         self.daemon.archive.root, refs)
+                                         self.daemon.archive.root, refs, holdout)
         champion = self.daemon.classifier.version if self.daemon.classifier else None
         recipe: dict[str, Any] = {}
         if cfg.registry.retrain_recipe is not None:
