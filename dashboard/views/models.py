@@ -199,6 +199,14 @@ def shadow() -> None:
         act("stop the shadow model", lambda: api.delete("/models/shadow"))
 
 
+def training_set_text(counts: dict[str, int]) -> str:
+    """What the last retraining trained on, and which verified labels it could not use, and why."""
+    skipped = [f"{n} without an archived image" for n in [counts.get("skipped_no_image", 0)] if n]
+    skipped += [f"{n} whose image is in the gate's held-out set" for n in [counts.get("skipped_in_holdout", 0)] if n]
+    return (f"Trained on {counts.get('verified_parts', 0)} verified part(s) + {counts.get('base_rows', 0):,} base "
+            "rows" + (f"; left out: {', '.join(skipped)}" if skipped else ""))
+
+
 @st.fragment(run_every=2)
 def retrain_progress() -> None:
     try:
@@ -211,15 +219,21 @@ def retrain_progress() -> None:
         return
     state = job.get("state", "idle")
     if state == "running":
+        phase, message = job.get("phase") or "", job.get("message") or ""
         st.progress(float(job.get("progress") or 0.0),
-                    text=f"Retraining · {job.get('phase') or ''} {job.get('message') or ''}")
+                    text=f"Retraining · {phase}" + (f" · {message}" if message and message != phase else ""))
     elif state == "done":
-        st.success(f"Last retraining finished: candidate {job.get('candidate_version') or '?'}"
-                   + (f" · gate {'passed' if job['gate'].get('passed') else 'failed'}" if job.get("gate") else ""))
+        gate = job.get("gate") or {}
+        text = (f"Last retraining finished: candidate {job.get('candidate_version') or '?'}"
+                + (f" · gate {'passed' if gate.get('passed') else 'failed'}" if gate else ""))
+        reasons = "".join(f"\n- {r}" for r in gate.get("reasons") or [])
+        (st.warning if gate and not gate.get("passed") else st.success)(text + reasons)
     elif state == "failed":
         st.error(f"Last retraining failed: {job.get('message') or ''}")
     else:
         st.caption("No retraining running.")
+    if used := job.get("training_set"):
+        st.caption(training_set_text(used))
     engineer = ui.at_least("engineer")
     if st.button("Start retraining", key="retrain", type="primary", disabled=not engineer or state == "running",
                  help="Trains a candidate on the verified labels, in its own process" if engineer
