@@ -163,8 +163,11 @@ def detail(m: dict[str, Any], policy: dict[str, Any]) -> None:
                       help=None if engineer else ENGINEER_ONLY):
             act(f"gate {m['version']}", lambda: api.post(f"/models/{m['version']}/gate"))
         if not m["serving"]:
-            if row.button("Promote", key=f"promote_{m['version']}", type="primary", disabled=not engineer,
-                          help="Gate, then switch between two frames" if engineer else ENGINEER_ONLY):
+            gated_out = bool(m.get("gate")) and not m["gate"].get("passed")
+            if row.button("Promote", key=f"promote_{m['version']}", type="secondary" if gated_out else "primary",
+                          disabled=not engineer, help=ENGINEER_ONLY if not engineer else
+                          "The gate failed: promoting runs it again, and it refuses unless the champion "
+                          "changed" if gated_out else "Gate, then switch between two frames"):
                 act(f"promote {m['version']}", lambda: api.post(f"/models/{m['version']}/promote", {"force": False}))
             if ui.at_least("admin") and row.button("Promote without gate", key=f"force_{m['version']}"):
                 act(f"promote {m['version']} without the gate",
