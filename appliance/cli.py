@@ -44,12 +44,30 @@ def _need_training_extra() -> None:
 
 @app.command("check-config")
 def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to validate.")]) -> None:
-    """Validate a configuration file without starting anything; the disposition table is checked
-    against the model the line would serve (model.path, else the registry's champion)."""
+    """Validate a configuration file without starting anything: the folders it names must exist, and
+    the disposition table must fit the model the line would serve (the registry's champion, else
+    model.path)."""
     config = _user_errors(lambda: load_config(file))
+    _user_errors(lambda: _folders_exist(file, config))
     model = _user_errors(lambda: _table_fits_model(file, config))
     typer.echo(f"{file}: OK (line {config.line.line_id}, camera '{config.camera.view}' "
                f"from {config.camera.source}, state in {config.state_dir}; {model})")
+
+
+def _folders_exist(file: Path, config: AppConfig) -> None:
+    """The folders `run` opens (replay images) or the gate and retraining read (holdout, base dataset)."""
+    from appliance.yamlio import line_of, load_yaml_with_lines
+
+    named: list[tuple[tuple[str, ...], Path | None]] = [(("registry", "holdout"), config.registry.holdout),
+                                                         (("registry", "base_dataset"), config.registry.base_dataset)]
+    if config.camera.source == "replay" and config.camera.replay is not None:
+        named.insert(0, (("camera", "replay", "path"), config.camera.replay.path))
+    resolved = [(loc, config.resolve(path)) for loc, path in named if path is not None]
+    missing = [(loc, path) for loc, path in resolved if not path.exists()]
+    if missing:
+        _, lines = load_yaml_with_lines(file)
+        raise UserError("\n".join(f"{file}:{line_of(loc, lines) or '?'}: {'.'.join(loc)}: {path} does not exist"
+                                   for loc, path in missing))
 
 
 def _table_fits_model(file: Path, config: AppConfig) -> str:

@@ -80,9 +80,13 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
 
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     runner = CliRunner()
-    ok = runner.invoke(app, ["check-config", str(write(tmp_path, f"state_dir: {tmp_path}\n{GOOD}"))])
+    ok = runner.invoke(app, ["check-config", str(write(tmp_path, f"state_dir: {tmp_path}\n"
+                                                              + GOOD.replace("/data/images", str(tmp_path))))])
     assert ok.exit_code == 0, ok.output
     assert "OK" in ok.output and "no model in" in ok.output
+    no_images = runner.invoke(app, ["check-config", str(write(tmp_path, f"state_dir: {tmp_path}\n{GOOD}"))])
+    assert no_images.exit_code == 2
+    assert "cfg.yaml:6: camera.replay.path: /data/images does not exist" in no_images.output
     bad = runner.invoke(app, ["check-config", str(write(tmp_path, GOOD.replace("rate_hz: 5", "rate_hz: x")))])
     assert bad.exit_code == 2
     assert "cfg.yaml:6: camera.replay.rate_hz" in bad.output
@@ -92,7 +96,8 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
 def test_check_config_checks_the_table_against_the_model_to_be_served(tmp_path: Path) -> None:
     """The same misfit `appliance run` refuses to start with, found offline, with its line."""
     card = make_brightness_model(tmp_path / "model")  # heads defect_grade (0, 1/3, 2/3, 1) and cell_type
-    line = f"state_dir: {tmp_path}\nmodel: {{path: {tmp_path / 'model'}}}\n" + GOOD.replace("grade:", "defect_grade:")
+    line = (f"state_dir: {tmp_path}\nmodel: {{path: {tmp_path / 'model'}}}\n"
+            + GOOD.replace("grade:", "defect_grade:").replace("/data/images", str(tmp_path)))
     runner = CliRunner()
     fits = runner.invoke(app, ["check-config", str(write(tmp_path, line))])
     misfit = runner.invoke(app, ["check-config", str(write(tmp_path, line.replace('["0"]', '["0", "one"]')
