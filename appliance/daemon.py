@@ -402,6 +402,7 @@ class Daemon:
 
     # -- model lifecycle ---------------------------------------------------------------------------
     def _load_version(self, version: str) -> Classifier:
+        self.registry.card(version)  # a registered version, named after what it holds
         m = self.config.model
         classifier = Classifier(self.registry.path(version), m.intra_op_threads, m.warmup_runs, m.spin_wait)
         self.disposer.check_against(classifier.card)
@@ -448,6 +449,7 @@ class Daemon:
             if old is not None:
                 await asyncio.to_thread(old.close)
             if version is not None:
+                await asyncio.to_thread(self.registry.card, version)
                 classifier = await asyncio.to_thread(
                     lambda: Classifier(self.registry.path(version), 1, self.config.model.warmup_runs))
                 self.shadow = ShadowRunner(classifier, self.store, self.config.registry.shadow_max_pending)

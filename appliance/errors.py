@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ModelRejected(UserError):
     """A model package failed its checksum, its output contract or its load; it is not used."""
+
+
+class UnknownModel(UserError):
+    """No such version in the model registry."""

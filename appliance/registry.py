@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ModelRejected
+from appliance.errors import ModelRejected, UnknownModel
 from appliance.inference import Classifier
 from appliance.model_package import ModelCard, read_card
 
@@ -32,17 +32,28 @@ class ModelRegistry:
         return self.root / version
 
     def versions(self) -> list[ModelCard]:
-        """All admitted versions, oldest first; damaged ones are left out."""
+        """All admitted versions, oldest first; damaged or misnamed folders are left out."""
         cards = []
         for child in sorted(self.root.glob("*/model.json")):
             try:
-                cards.append(read_card(child.parent))
+                card = read_card(child.parent)
             except ModelRejected:
                 continue
+            if card.version == child.parent.name:  # a copied folder is not a version of its own
+                cards.append(card)
         return sorted(cards, key=lambda c: c.created_at)
 
     def card(self, version: str) -> ModelCard:
-        return read_card(self.path(version))
+        """The card of a registered version: its folder exists, its package is sound, and it holds the
+        version it is named after (a copied folder would otherwise serve under another name)."""
+        path = self.path(version)
+        if not path.is_dir():
+            raise UnknownModel(f"no model version '{version}' in the registry ({self.root})")
+        card = read_card(path)
+        if card.version != version:
+            raise ModelRejected(f"{path} holds model {card.version}: a registry folder must be named after its "
+                                "version (`appliance train --register` copies a package in)")
+        return card
 
     def register(self, package_dir: Path) -> ModelCard:
         """Check a package fully (load + warm) and copy it in; returns its card."""

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from appliance.api.deps import Engineer, Operator, daemon_of
 from appliance.auth import role_at_least
 from appliance.daemon import GateRefused
-from appliance.errors import ModelRejected, UserError
+from appliance.errors import UnknownModel, UserError
 from appliance.gate import GateVerdict, run_gate
 
 router = APIRouter(tags=["models"])
@@ -59,12 +59,17 @@ async def shadow_agreement(who: Operator, request: Request) -> dict[str, Any]:
     return await asyncio.to_thread(daemon.store.shadow_agreement, daemon.shadow.version)
 
 
+def _refused(exc: UserError) -> HTTPException:
+    """404 for a version the registry does not have, 422 for a package it refuses."""
+    return HTTPException(404 if isinstance(exc, UnknownModel) else 422, str(exc))
+
+
 @router.get("/models/{version}")
 async def show_model(version: str, who: Operator, request: Request) -> dict[str, Any]:
     daemon = daemon_of(request)
     try:
         card = await asyncio.to_thread(daemon.registry.card, version)
-    except ModelRejected as exc:
+    except UserError as exc:  # unknown, or a damaged package (not listed either)
         raise HTTPException(404, str(exc)) from exc
     return {**_summary(daemon, card), "card": card.model_dump(mode="json")}
 
@@ -78,11 +83,12 @@ async def gate(version: str, who: Engineer, request: Request) -> dict[str, Any]:
         raise HTTPException(409, "no held-out set configured (registry.holdout)")
     assert daemon.classifier is not None
     try:
+        await asyncio.to_thread(daemon.registry.card, version)
         verdict = await asyncio.to_thread(run_gate, daemon.registry.path(version),
                                           daemon.classifier.package_dir, daemon.config.resolve(holdout),
                                           daemon.config.registry.gate_margin)
     except UserError as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise _refused(exc) from exc
     await asyncio.to_thread(daemon.store.audit, who.name, who.role, "model.gate", version,
                             {"passed": verdict.passed, "reasons": verdict.reasons})
     return verdict.to_dict()
@@ -101,7 +107,7 @@ async def promote(version: str, body: PromoteIn, who: Engineer, request: Request
                                 {"reasons": exc.verdict.reasons})
         raise HTTPException(409, {"message": str(exc), "gate": exc.verdict.to_dict()}) from exc
     except UserError as exc:  # ModelRejected included: the champion keeps serving
-        raise HTTPException(422, str(exc)) from exc
+        raise _refused(exc) from exc
     await asyncio.to_thread(daemon.store.audit, who.name, who.role, "model.promote", version,
                             {"force": body.force, "gate_passed": verdict.passed if verdict else None})
     return {"serving": version, "gate": verdict.to_dict() if verdict else None}
@@ -126,7 +132,7 @@ async def start_shadow(version: str, who: Engineer, request: Request) -> dict[st
     try:
         await daemon.set_shadow(version)
     except UserError as exc:
-        raise HTTPException(422, str(exc)) from exc
+        raise _refused(exc) from exc
     await asyncio.to_thread(daemon.store.audit, who.name, who.role, "model.shadow.start", version, {})
     return {"shadow": version}
 

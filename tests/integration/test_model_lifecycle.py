@@ -166,3 +166,28 @@ async def test_a_restart_serves_the_promoted_model_not_model_path(tmp_path: Path
     checked = await asyncio.to_thread(CliRunner().invoke, app, ["check-config", str(tmp_path / "line.yaml")])
     assert served == "v3-same" and registry.champion() == "v3-same"
     assert "fits model v3-same" in checked.output, checked.output
+
+
+async def test_an_unknown_version_is_404_and_a_copied_folder_is_refused(tmp_path: Path, line_config,
+                                                                        state_dir: Path) -> None:
+    """A folder copied under another name would serve under its card's version: results, history and
+    audit would disagree about which model judged the parts."""
+    import shutil
+
+    daemon, registry = await running_line(tmp_path, line_config, state_dir)
+    shutil.copytree(registry.path("v3-same"), registry.path("copy-ok"))
+    try:
+        eng = auth_headers(daemon, "engineer")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}/api/v1", headers=eng,
+                                     timeout=60) as api:
+            unknown = await api.post("/models/no-such-version/promote", json={})
+            copied = await api.post("/models/copy-ok/promote", json={})
+            copied_shadow = await api.put("/models/copy-ok/shadow")
+            listed = [m["version"] for m in (await api.get("/models")).json()["models"]]
+    finally:
+        await daemon.stop()
+    assert unknown.status_code == 404 and "no model version 'no-such-version'" in unknown.text
+    assert copied.status_code == 422 and "holds model v3-same" in copied.text, copied.text
+    assert copied_shadow.status_code == 422
+    assert daemon.classifier is not None and daemon.classifier.version == "v1", "the champion kept serving"
+    assert sorted(listed) == ["v1", "v2-worse", "v3-same"], "a copy is not a version of its own"
