@@ -1,0 +1,170 @@
+"""ELPV variant study: frozen multi-level EfficientNet-Lite0 features at native 300 px + an RBF SVM.
+
+The deep-feature + SVM approach of the literature, on the same protocol and split as bench/elpv.py
+(stratified 75/25, seed 0).  Nothing is fine-tuned: the ImageNet network runs once per image and
+view (identity, left-right, upside-down, both), and mean/max/std pooled maps of blocks 5, 10 and 13
+plus mean/std of the head conv form a 3712-wide vector.  An RBF SVM (C=10, scikit-learn) is fitted
+on the four views of every training cell; a test cell's decision values are averaged over its four
+views (and reported for the identity view alone).
+
+This is a measurement, not the shipped recipe: the product's models are ONNX graphs with calibrated
+multi-head outputs, and an SVM is neither.  Prints a table and writes bench/results/elpv_svm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+from torch import nn
+
+from appliance.dataset import load_dataset
+from appliance.imageio import read_image
+from appliance.model_package import INPUT_NAME
+from appliance.training.backbone import load_backbone
+from appliance.training.export import export_onnx, session
+from appliance.training.features import View
+from appliance.training.preprocess import Preprocess
+from bench.common import cpu_model
+from bench.elpv import DEFAULT_DATA, GOAL_ACCURACY, GOAL_SECONDS, RESULTS, ensure_dataset
+
+SIZE = 300
+"""ELPV's native resolution: thin cracks survive, which they do not at the shipped 160 px."""
+TAPS = (5, 10, 13)
+"""Blocks whose output maps are pooled beside the head conv's."""
+VIEWS = [View(), View(flip_h=True), View(flip_v=True), View(flip_h=True, flip_v=True)]
+C = 10.0
+GRADES = ["0", "1/3", "2/3", "1"]
+CHUNK = 32
+
+
+class PooledFeatures(nn.Module):
+    """uint8 mono images → mean/max/std pooled maps of the ``TAPS`` blocks + mean/std of the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = load_backbone(SIZE)
+        self.pre = Preprocess("NHW", SIZE)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = nn.ModuleList(net._blocks)
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.pre(image))
+        pooled = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in TAPS:
+                pooled += [x.mean((2, 3)), x.amax((2, 3)), x.std((2, 3))]
+        h = self.head(x)
+        return torch.cat([*pooled, h.mean((2, 3)), h.std((2, 3))], 1)
+
+
+def features(sess, paths: list[Path]) -> np.ndarray:
+    """``V×N×D`` pooled features of every view of every image."""
+    out: np.ndarray | None = None
+    for start in range(0, len(paths), CHUNK):
+        batch = np.stack([read_image(p) for p in paths[start:start + CHUNK]])
+        for v, view in enumerate(VIEWS):
+            (f,) = sess.run(None, {INPUT_NAME: view.apply(batch)})
+            if out is None:
+                out = np.empty((len(VIEWS), len(paths), f.shape[1]), np.float32)
+            out[v, start:start + len(batch)] = f
+    assert out is not None
+    return out
+
+
+def scores(pred: np.ndarray, y: np.ndarray) -> dict:
+    classes = range(len(GRADES))
+    recall = [float(((pred == c) & (y == c)).sum() / max((y == c).sum(), 1)) for c in classes]
+    f1 = []
+    for c in classes:
+        tp = ((pred == c) & (y == c)).sum()
+        f1.append(float(2 * tp / max((pred == c).sum() + (y == c).sum(), 1)))
+    bad = y >= 2
+    return {"accuracy_4level": round(float((pred == y).mean()), 4), "macro_f1": round(float(np.mean(f1)), 4),
+            "recall": {g: round(r, 4) for g, r in zip(GRADES, recall, strict=True)},
+            "binary_accuracy": round(float(((pred >= 2) == bad).mean()), 4)}
+
+
+def latency_ms(sess, image: np.ndarray, runs: int = 100) -> dict[str, float]:
+    """Feature network alone, batch 1, 2 threads (the SVM adds a few ms per view on top)."""
+    for _ in range(10):
+        sess.run(None, {INPUT_NAME: image[None]})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {INPUT_NAME: image[None]})
+        times.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": round(float(np.percentile(times, 50)), 2), "p99_ms": round(float(np.percentile(times, 99)), 2)}
+
+
+def run(data: Path) -> dict:
+    dataset = load_dataset(ensure_dataset(data))
+    train = [s for s in dataset.samples if s.split == "train"]
+    test = [s for s in dataset.samples if s.split == "test"]
+    y_train = np.array([GRADES.index(s.labels["defect_grade"]) for s in train])
+    y_test = np.array([GRADES.index(s.labels["defect_grade"]) for s in test])
+    with tempfile.TemporaryDirectory(prefix="elpv-svm-") as tmp:
+        t0 = time.perf_counter()
+        onnx = Path(tmp) / "features.onnx"
+        export_onnx(PooledFeatures(), onnx, "NHW", SIZE, ["features"])
+        sess = session(onnx, threads=2)
+        f_train = features(sess, [s.image for s in train])
+        t_features = time.perf_counter() - t0
+        x = f_train.reshape(-1, f_train.shape[2])
+        scaler = StandardScaler().fit(x)
+        svm = SVC(C=C, kernel="rbf", gamma="scale").fit(scaler.transform(x), np.tile(y_train, len(VIEWS)))
+        train_seconds = time.perf_counter() - t0
+        f_test = features(sess, [s.image for s in test])
+        decision = np.stack([svm.decision_function(scaler.transform(f)) for f in f_test])
+        lat = latency_ms(sess, read_image(test[0].image))
+    averaged = scores(decision.mean(0).argmax(1), y_test)
+    return {
+        "variant": f"frozen Lite0 {SIZE} px, pooled blocks {list(TAPS)} + head, RBF SVM C={C:g}, "
+                   f"{len(VIEWS)} flip views (train) averaged (test)",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "protocol": "ELPV, stratified (grade, type) 75/25 split seed 0 (as bench/elpv.py)",
+        "test_images": len(test), "feature_width": int(f_train.shape[2]), "support_vectors": int(svm.n_support_.sum()),
+        **averaged,
+        "identity_view_only": scores(decision[0].argmax(1), y_test),
+        "training_seconds": round(train_seconds, 1),
+        "training_seconds_by_stage": {"features": round(t_features, 1), "svm": round(train_seconds - t_features, 1)},
+        "feature_latency_bs1_2thr": lat,
+        "goal": {"accuracy_4level": GOAL_ACCURACY, "training_seconds": GOAL_SECONDS,
+                 "met": averaged["accuracy_4level"] >= GOAL_ACCURACY and train_seconds <= GOAL_SECONDS},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ELPV dataset folder (imported if absent)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "elpv_svm.json")
+    args = ap.parse_args()
+    r = run(args.data)
+    one = r["identity_view_only"]
+    print(f"ELPV ({r['variant']}): {r['test_images']} test cells\n"
+          f"  4-level accuracy   {r['accuracy_4level']:.4f}  (identity view only {one['accuracy_4level']:.4f}; "
+          f"goal ≥ {GOAL_ACCURACY})\n"
+          f"  macro-F1           {r['macro_f1']:.4f}\n"
+          f"  recall per grade   {r['recall']}\n"
+          f"  binary accuracy    {r['binary_accuracy']:.4f}\n"
+          f"  training seconds   {r['training_seconds']:.1f}  {r['training_seconds_by_stage']}\n"
+          f"  feature net bs1    {r['feature_latency_bs1_2thr']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
