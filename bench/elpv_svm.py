@@ -28,14 +28,16 @@ from sklearn.svm import SVC
 from torch import nn
 
 from appliance.dataset import load_dataset
+from appliance.datasets.elpv import GRADES
 from appliance.imageio import read_image
 from appliance.model_package import INPUT_NAME
 from appliance.training.backbone import load_backbone
 from appliance.training.export import export_onnx, session
-from appliance.training.features import View
+from appliance.training.features import View, extract
+from appliance.training.metrics import accuracy, confusion_matrix, macro_f1, recall_by_class
 from appliance.training.preprocess import Preprocess
 from bench.common import cpu_model
-from bench.elpv import DEFAULT_DATA, GOAL_ACCURACY, GOAL_SECONDS, RESULTS, ensure_dataset
+from bench.elpv import DEFAULT_DATA, GOAL_ACCURACY, GOAL_SECONDS, RESULTS, binary_accuracy, ensure_dataset
 
 SIZE = 300
 """ELPV's native resolution: thin cracks survive, which they do not at the shipped 160 px."""
@@ -43,8 +45,6 @@ TAPS = (5, 10, 13)
 """Blocks whose output maps are pooled beside the head conv's."""
 VIEWS = [View(), View(flip_h=True), View(flip_v=True), View(flip_h=True, flip_v=True)]
 C = 10.0
-GRADES = ["0", "1/3", "2/3", "1"]
-CHUNK = 32
 
 
 class PooledFeatures(nn.Module):
@@ -69,31 +69,10 @@ class PooledFeatures(nn.Module):
         return torch.cat([*pooled, h.mean((2, 3)), h.std((2, 3))], 1)
 
 
-def features(sess, paths: list[Path]) -> np.ndarray:
-    """``V×N×D`` pooled features of every view of every image."""
-    out: np.ndarray | None = None
-    for start in range(0, len(paths), CHUNK):
-        batch = np.stack([read_image(p) for p in paths[start:start + CHUNK]])
-        for v, view in enumerate(VIEWS):
-            (f,) = sess.run(None, {INPUT_NAME: view.apply(batch)})
-            if out is None:
-                out = np.empty((len(VIEWS), len(paths), f.shape[1]), np.float32)
-            out[v, start:start + len(batch)] = f
-    assert out is not None
-    return out
-
-
 def scores(pred: np.ndarray, y: np.ndarray) -> dict:
-    classes = range(len(GRADES))
-    recall = [float(((pred == c) & (y == c)).sum() / max((y == c).sum(), 1)) for c in classes]
-    f1 = []
-    for c in classes:
-        tp = ((pred == c) & (y == c)).sum()
-        f1.append(float(2 * tp / max((pred == c).sum() + (y == c).sum(), 1)))
-    bad = y >= 2
-    return {"accuracy_4level": round(float((pred == y).mean()), 4), "macro_f1": round(float(np.mean(f1)), 4),
-            "recall": {g: round(r, 4) for g, r in zip(GRADES, recall, strict=True)},
-            "binary_accuracy": round(float(((pred >= 2) == bad).mean()), 4)}
+    m = confusion_matrix(y, pred, len(GRADES))
+    return {"accuracy_4level": round(accuracy(m), 4), "macro_f1": round(macro_f1(m), 4),
+            "recall": recall_by_class(m, GRADES, digits=4), "binary_accuracy": round(binary_accuracy(m, GRADES), 4)}
 
 
 def latency_ms(sess, image: np.ndarray, runs: int = 100) -> dict[str, float]:
@@ -118,16 +97,15 @@ def run(data: Path) -> dict:
         t0 = time.perf_counter()
         onnx = Path(tmp) / "features.onnx"
         export_onnx(PooledFeatures(), onnx, "NHW", SIZE, ["features"])
-        sess = session(onnx, threads=2)
-        f_train = features(sess, [s.image for s in train])
+        f_train = extract(onnx, [s.image for s in train], read_image, VIEWS, 2, os.isatty(2), "train features")
         t_features = time.perf_counter() - t0
-        x = f_train.reshape(-1, f_train.shape[2])
+        x = f_train.reshape(-1, f_train.shape[2]).astype(np.float32)
         scaler = StandardScaler().fit(x)
         svm = SVC(C=C, kernel="rbf", gamma="scale").fit(scaler.transform(x), np.tile(y_train, len(VIEWS)))
         train_seconds = time.perf_counter() - t0
-        f_test = features(sess, [s.image for s in test])
+        f_test = extract(onnx, [s.image for s in test], read_image, VIEWS, 2, os.isatty(2), "test features")
         decision = np.stack([svm.decision_function(scaler.transform(f)) for f in f_test])
-        lat = latency_ms(sess, read_image(test[0].image))
+        lat = latency_ms(session(onnx, threads=2), read_image(test[0].image))
     averaged = scores(decision.mean(0).argmax(1), y_test)
     return {
         "variant": f"frozen Lite0 {SIZE} px, pooled blocks {list(TAPS)} + head, RBF SVM C={C:g}, "

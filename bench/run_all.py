@@ -1,8 +1,9 @@
 """Run every benchmark, then render bench/results/README.md: one table of the figures and goals,
 and the figures of bench/plots.py.
 
-    python -m bench.run_all                 # all of them (about 50 min: ELPV training ~6 min, the SVM study ~9 min, the
-                                            # learning curve ~15 min, active learning ~5 min)
+    python -m bench.run_all                 # all of them (about 50 min: ELPV training ~6 min, the
+                                            # SVM study ~9 min, the learning curve ~15 min, active
+                                            # learning ~5 min)
     python -m bench.run_all --skip elpv     # leave one out
     python -m bench.run_all --render-only   # re-render from the JSON files already there
 
