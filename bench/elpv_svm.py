@@ -3,12 +3,15 @@
 The deep-feature + SVM approach of the literature, on the same protocol and split as bench/elpv.py
 (stratified 75/25, seed 0).  Nothing is fine-tuned: the ImageNet network runs once per image and
 view (identity, left-right, upside-down, both), and mean/max/std pooled maps of blocks 5, 10 and 13
-plus mean/std of the head conv form a 3712-wide vector.  An RBF SVM (C=10, scikit-learn) is fitted
-on the four views of every training cell; a test cell's decision values are averaged over its four
-views (and reported for the identity view alone).
+plus mean/std of the head conv form a 3712-wide vector (``PooledTrunk``, as in the recipe method
+pooled_features).  An RBF SVM (C=10, scikit-learn) is fitted on the four views of every training
+cell; a test cell's decision values are averaged over its four views (and reported for the
+identity view alone).
 
-This is a measurement, not the shipped recipe: the product's models are ONNX graphs with calibrated
-multi-head outputs, and an SVM is neither.  Prints a table and writes bench/results/elpv_svm.json.
+This is a measurement, not a shipped recipe: the product's models are ONNX graphs with calibrated
+multi-head outputs, and an SVM is neither; the shipped counterpart trains an MLP on the same
+features (configs/recipes/elpv-pooled-300.yaml, bench/results/elpv_pooled.json).
+Prints a table and writes bench/results/elpv_svm.json.
 """
 
 from __future__ import annotations
@@ -22,20 +25,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
-from torch import nn
 
 from appliance.dataset import load_dataset
 from appliance.datasets.elpv import GRADES
 from appliance.imageio import read_image
 from appliance.model_package import INPUT_NAME
-from appliance.training.backbone import load_backbone
 from appliance.training.export import export_onnx, session
 from appliance.training.features import View, extract
 from appliance.training.metrics import accuracy, confusion_matrix, macro_f1, recall_by_class
-from appliance.training.preprocess import Preprocess
+from appliance.training.network import build_pooled
 from bench.common import cpu_model
 from bench.elpv import DEFAULT_DATA, GOAL_ACCURACY, GOAL_SECONDS, RESULTS, binary_accuracy, ensure_dataset
 
@@ -45,28 +45,6 @@ TAPS = (5, 10, 13)
 """Blocks whose output maps are pooled beside the head conv's."""
 VIEWS = [View(), View(flip_h=True), View(flip_v=True), View(flip_h=True, flip_v=True)]
 C = 10.0
-
-
-class PooledFeatures(nn.Module):
-    """uint8 mono images → mean/max/std pooled maps of the ``TAPS`` blocks + mean/std of the head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        net = load_backbone(SIZE)
-        self.pre = Preprocess("NHW", SIZE)
-        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
-        self.blocks = nn.ModuleList(net._blocks)
-        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.pre(image))
-        pooled = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in TAPS:
-                pooled += [x.mean((2, 3)), x.amax((2, 3)), x.std((2, 3))]
-        h = self.head(x)
-        return torch.cat([*pooled, h.mean((2, 3)), h.std((2, 3))], 1)
 
 
 def scores(pred: np.ndarray, y: np.ndarray) -> dict:
@@ -96,7 +74,7 @@ def run(data: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="elpv-svm-") as tmp:
         t0 = time.perf_counter()
         onnx = Path(tmp) / "features.onnx"
-        export_onnx(PooledFeatures(), onnx, "NHW", SIZE, ["features"])
+        export_onnx(build_pooled("NHW", SIZE, list(TAPS)), onnx, "NHW", SIZE, ["features"])
         f_train = extract(onnx, [s.image for s in train], read_image, VIEWS, 2, os.isatty(2), "train features")
         t_features = time.perf_counter() - t0
         x = f_train.reshape(-1, f_train.shape[2]).astype(np.float32)

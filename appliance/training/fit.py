@@ -22,7 +22,9 @@ CHANNELS_LAST = torch.channels_last
 
 
 def _batch(features: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(features.astype(np.float32)).contiguous(memory_format=CHANNELS_LAST)
+    """Cached float16 features as a float32 tensor (maps in ``CHANNELS_LAST``; pooled vectors as they are)."""
+    x = torch.from_numpy(features.astype(np.float32))
+    return x.contiguous(memory_format=CHANNELS_LAST) if x.dim() == 4 else x
 
 
 @dataclass(slots=True)

@@ -1,5 +1,8 @@
 """The multi-head classifier: frozen trunk, trained top, one linear layer per head.
 
+The trained top is either the last MBConv blocks (``build``: fine-tuned on cached maps) or a small
+MLP on the whole frozen network's pooled multi-level features (``build_pooled``).
+
 ``TrainNet`` is what the optimiser sees (cached trunk features in, logits out); ``ExportNet`` is
 the whole graph that goes into model.onnx (raw uint8 image in, calibrated probabilities out).
 """
@@ -9,31 +12,65 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from appliance.training.backbone import FEATURES, Top, Trunk, load_backbone
+from appliance.training.backbone import FEATURES, PooledTrunk, Top, Trunk, load_backbone
 from appliance.training.preprocess import Preprocess
 
 
 class TrainNet(nn.Module):
-    """Cached trunk features → one logit vector per head."""
+    """Cached trunk features → one logit vector per head (``top`` yields ``width`` features)."""
 
-    def __init__(self, top: Top, classes_per_head: list[int], dropout: float) -> None:
+    def __init__(self, top: nn.Module, classes_per_head: list[int], dropout: float, width: int = FEATURES) -> None:
         super().__init__()
         self.top = top
         self.dropout = nn.Dropout(dropout)
-        self.heads = nn.ModuleList(nn.Linear(FEATURES, n) for n in classes_per_head)
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in classes_per_head)
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
         x = self.dropout(self.top(features))
         return [head(x) for head in self.heads]
 
 
+class Standardize(nn.Module):
+    """``(x - mean) / std`` per feature, with the statistics of the training features frozen in."""
+
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
+    def __init__(self, features: np.ndarray) -> None:
+        super().__init__()
+        flat = features.reshape(-1, features.shape[-1])
+        mean = np.zeros(flat.shape[1])
+        square = np.zeros(flat.shape[1])
+        for start in range(0, len(flat), 4096):  # float64 sums over float16 chunks
+            chunk = flat[start:start + 4096].astype(np.float64)
+            mean += chunk.sum(axis=0)
+            square += (chunk ** 2).sum(axis=0)
+        mean /= len(flat)
+        std = np.sqrt(np.maximum(square / len(flat) - mean ** 2, 0.0))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("inv_std", torch.tensor(1.0 / np.maximum(std, 1e-6), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
+def pooled_top(features: np.ndarray, hidden_units: int, dropout: float) -> tuple[nn.Module, int]:
+    """The trained part for pooled features (``V×N×D``, cached): standardise, dropout, one hidden
+    GELU layer of ``hidden_units`` (none when 0); returns it and its output width."""
+    layers: list[nn.Module] = [Standardize(features)]
+    if hidden_units:
+        layers += [nn.Dropout(dropout), nn.Linear(features.shape[-1], hidden_units), nn.GELU()]
+    return nn.Sequential(*layers), hidden_units or features.shape[-1]
+
+
 class FrozenPart(nn.Module):
     """Preprocessing + frozen trunk: raw uint8 images → the features ``TrainNet`` consumes."""
 
-    def __init__(self, preprocess: Preprocess, trunk: Trunk) -> None:
+    def __init__(self, preprocess: Preprocess, trunk: Trunk | PooledTrunk) -> None:
         super().__init__()
         self.preprocess = preprocess
         self.trunk = trunk
@@ -130,3 +167,12 @@ def build(layout: Literal["NHW", "NHWC"], image_size: int, frozen_blocks: int, c
         p.requires_grad_(False)
     net = TrainNet(Top(backbone, frozen_blocks, drop_connect), classes_per_head, dropout)
     return frozen, net
+
+
+def build_pooled(layout: Literal["NHW", "NHWC"], image_size: int, taps: list[int]) -> FrozenPart:
+    """The whole pretrained network, frozen, as a pooled multi-level feature extractor (the trained
+    part comes from ``pooled_top`` once its features are cached)."""
+    frozen = FrozenPart(Preprocess(layout, image_size), PooledTrunk(load_backbone(image_size), taps)).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen

@@ -6,7 +6,7 @@ Free of torch, so that the edge install can validate a recipe and document it
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -22,10 +22,30 @@ class TrainRecipe(BaseModel):
     results by about 1.5 points), macro-F1 0.550, 185 s; vs frozen 14 / balance 0: 0.761, macro-F1
     0.488, 205 s; frozen 11 / balance 0.5: 0.761, macro-F1 0.543, 1132 s under load; brightness gains
     0.8/1.25: 0.785, 0.784, 0.768 in three runs (not a clear gain, 35-70 s more, so off by default).
+    method pooled_features at 300 px (configs/recipes/elpv-pooled-300.yaml): 0.785 / 0.805 / 0.767,
+    118-158 s, but 2.6× the latency, so not the default.
     """
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["fine_tune_top", "pooled_features"] = Field(
+        default="fine_tune_top",
+        description="fine_tune_top: the blocks above frozen_blocks and the heads are trained on the cached "
+                    "maps.  pooled_features: the whole ImageNet network stays frozen; the maps of "
+                    "pooled_blocks and of the head conv are pooled (mean, max, deviation) into one vector "
+                    "per image, and an MLP of hidden_units is trained on it (frozen_blocks and "
+                    "drop_connect do not apply).  ELPV: see configs/recipes/elpv-pooled-300.yaml.",
+    )
+    pooled_blocks: list[Annotated[int, Field(ge=0, lt=NUM_BLOCKS)]] = Field(
+        default=[5, 10, 13], max_length=NUM_BLOCKS,
+        description="pooled_features: the MBConv blocks (0-based) whose output maps are pooled beside "
+                    "the head conv's; shallow blocks keep thin, small defects.",
+    )
+    hidden_units: int = Field(
+        default=512, ge=0, le=8192,
+        description="pooled_features: width of the MLP's hidden layer (0: the heads read the pooled "
+                    "vector directly).",
+    )
     image_size: int = Field(
         default=160, ge=64, le=512,
         description="Side in px the graph resizes every image to; drives accuracy and latency.",

@@ -1,9 +1,9 @@
 """``train_model``: dataset folder in, validated model package out.
 
 Pipeline: choose rows → export the frozen trunk (with the in-graph preprocessing) to a temporary
-ONNX file → cache its output per image and view with onnxruntime → train the top blocks and the
-heads on the cache → fit one temperature per head on the validation part → export the whole
-graph, check onnxruntime against torch, write the model card.
+ONNX file → cache its output per image and view with onnxruntime → train the top blocks (or an MLP
+on pooled features) and the heads on the cache → fit one temperature per head on the validation
+part → export the whole graph, check onnxruntime against torch, write the model card.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from appliance.training.metrics import (
     recall_by_class,
     softmax,
 )
-from appliance.training.network import ExportNet, build, hierarchy
+from appliance.training.network import ExportNet, TrainNet, build, build_pooled, hierarchy, pooled_top
 from appliance.training.progress import Progress
 from appliance.training.quantize import quantize_if_accurate
 from appliance.training.recipe import TrainRecipe
@@ -79,8 +79,12 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
     load = loader(layout)
 
     torch.manual_seed(recipe.seed)
-    frozen, net = build(layout, recipe.image_size, recipe.frozen_blocks, [len(h.classes) for h in heads],
-                        recipe.dropout, recipe.drop_connect)
+    classes = [len(h.classes) for h in heads]
+    if recipe.method == "pooled_features":
+        frozen = build_pooled(layout, recipe.image_size, recipe.pooled_blocks)
+    else:
+        frozen, net = build(layout, recipe.image_size, recipe.frozen_blocks, classes, recipe.dropout,
+                            recipe.drop_connect)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
         trunk_onnx = Path(tmp) / "trunk.onnx"
@@ -90,6 +94,9 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
         judged = inference_views(recipe)
         val_x = extract(trunk_onnx, val_paths, load, judged, threads, progress, "features (val)")
     seconds["features"] = time.perf_counter() - started
+    if recipe.method == "pooled_features":
+        top, width = pooled_top(train_x, recipe.hidden_units, recipe.dropout)
+        net = TrainNet(top, classes, recipe.dropout, width)
 
     mark = time.perf_counter()
     result = fit(net, heads, train_x, y_train, val_x, y_val, recipe, progress)

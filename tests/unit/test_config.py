@@ -10,6 +10,7 @@ from appliance.cli import app
 from appliance.config import AppConfig, load_config
 from appliance.errors import UserError
 from appliance.training.recipe import TrainRecipe
+from appliance.yamlio import load_validated
 from tests.brightness_model import make_brightness_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +39,10 @@ def test_shipped_configs_are_valid() -> None:
     for path in (REPO / "configs").glob("*.yaml"):
         if path.name != "modbus_map.yaml":
             load_config(path)
+    recipes = list((REPO / "configs" / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert load_validated(path, TrainRecipe).model_dump() != TrainRecipe().model_dump()
 
 
 def test_good_file_loads_with_defaults(tmp_path: Path) -> None:

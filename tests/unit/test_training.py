@@ -311,3 +311,46 @@ def test_learning_curve_of_a_users_own_head(dataset: Path, tmp_path: Path) -> No
 
     unknown = CliRunner().invoke(app, ["learning-curve", "--data", str(dataset), "--head", "colour"])
     assert unknown.exit_code == 2 and "no head 'colour'" in unknown.output and "Traceback" not in unknown.output
+
+
+@pytest.mark.slow
+def test_pooled_features_recipe_learns_the_pattern(dataset: Path, tmp_path: Path) -> None:
+    """The frozen network's pooled multi-level features + an MLP: the same package contract (with
+    mirror images averaged in the graph, and the int8 comparison), and it learns the synthetic
+    taxonomy (both heads, the ordinal one with unknown labels among them)."""
+    recipe = TINY.model_copy(update={"method": "pooled_features", "image_size": SIDE, "pooled_blocks": [2, 5, 10],
+                                     "hidden_units": 64, "dropout": 0.2, "epochs": 30, "patience": 30,
+                                     "min_steps": 300, "inference_flips": True, "quantize": True})
+    out = tmp_path / "pooled"
+    card = train_model(dataset, out, recipe, progress=False)
+    assert card.training["recipe"]["method"] == "pooled_features"
+    assert card.training["counts"]["inference_views"] == 2 and card.training["quantization"] is not None
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs = sess.run(None, {"image": np.full((2, 50, 90), 90, np.uint8)})
+    assert [p.shape for p in probs] == [(2, 3), (2, 2)]
+    summary = evaluate_model(out, dataset).summary()["heads"]
+    assert summary["defect_type"]["accuracy"] >= 0.8
+    assert summary["severity"]["accuracy"] >= 0.7
+
+
+def test_pooled_features_are_standardised_with_the_training_statistics() -> None:
+    import torch
+
+    from appliance.training.backbone import PooledTrunk, load_backbone
+    from appliance.training.network import pooled_top
+
+    trunk = PooledTrunk(load_backbone(64), [5, 10, 13])
+    with torch.no_grad():
+        assert trunk(torch.zeros(2, 3, 64, 64)).shape == (2, trunk.width) and trunk.width == 3712
+    rng = np.random.default_rng(0)
+    x = (rng.normal(5.0, 3.0, size=(2, 300, 8)) * np.arange(1, 9)).astype(np.float16)
+    x[..., 7] = 1.5  # a constant feature must not become inf or nan
+    top, width = pooled_top(x, 0, 0.0)
+    assert width == 8
+    with torch.no_grad():
+        z = top(torch.from_numpy(x.reshape(-1, 8).astype(np.float32))).numpy()
+    np.testing.assert_allclose(z[:, :7].mean(axis=0), 0.0, atol=1e-3)
+    np.testing.assert_allclose(z[:, :7].std(axis=0), 1.0, atol=1e-3)
+    np.testing.assert_allclose(z[:, 7], 0.0, atol=1e-6)
+    top, width = pooled_top(x, 16, 0.0)
+    assert width == 16 and top(torch.zeros(3, 8)).shape == (3, 16)
