@@ -167,8 +167,12 @@ def table(r: dict) -> str:
 def variant_row(r: dict) -> dict:
     """One line of the variants table kept in the results file."""
     rec = r["recipe"]
-    return {"variant": r["variant"], "date": r["date"], "image_size": rec["image_size"],
-            "frozen_blocks": rec["frozen_blocks"], "epochs": rec["epochs"], "best_epoch": r["best_epoch"],
+    pooled = rec.get("method") == "pooled_features"
+    return {"variant": r["variant"], "date": r["date"], "method": rec.get("method", "fine_tune_top"),
+            "image_size": rec["image_size"],
+            "frozen_blocks": None if pooled else rec["frozen_blocks"],
+            "pooled_blocks": rec["pooled_blocks"] if pooled else None,
+            "epochs": rec["epochs"], "best_epoch": r["best_epoch"],
             "class_balance": rec["class_balance"], "quantize": rec.get("quantize", False),
             "training_seconds": r["training_seconds"], "load_avg_1m_at_end": r["machine"]["load_avg_1m_at_end"],
             "accuracy_4level": r["accuracy_4level"], "binary_accuracy": r["binary_accuracy"],
