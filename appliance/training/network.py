@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from appliance.training.backbone import FEATURES, PooledTrunk, Top, Trunk, load_backbone
+from appliance.training.backbone import ARCHITECTURE, FEATURES, PooledTrunk, Top, Trunk, load_backbone
 from appliance.training.preprocess import Preprocess
 
 
@@ -169,10 +169,12 @@ def build(layout: Literal["NHW", "NHWC"], image_size: int, frozen_blocks: int, c
     return frozen, net
 
 
-def build_pooled(layout: Literal["NHW", "NHWC"], image_size: int, taps: list[int]) -> FrozenPart:
+def build_pooled(layout: Literal["NHW", "NHWC"], image_size: int, taps: list[int],
+                 architecture: str = ARCHITECTURE) -> FrozenPart:
     """The whole pretrained network, frozen, as a pooled multi-level feature extractor (the trained
     part comes from ``pooled_top`` once its features are cached)."""
-    frozen = FrozenPart(Preprocess(layout, image_size), PooledTrunk(load_backbone(image_size), taps)).eval()
+    trunk = PooledTrunk(load_backbone(image_size, architecture), taps)
+    frozen = FrozenPart(Preprocess(layout, image_size), trunk).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
