@@ -25,6 +25,7 @@ import numpy as np
 from appliance.active import ReviewQueue
 from appliance.analytics import Analytics, Filters, Shifts, heads_for
 from appliance.archive import ImageArchive
+from appliance.audit import AuditTrail
 from appliance.auth import TokenIssuer, UserStore
 from appliance.camera.base import Frame, FrameSource, TriggerNotSupported
 from appliance.config import AppConfig
@@ -192,6 +193,7 @@ class Daemon:
                            memory_limit_mb=config.store.duckdb_memory_limit_mb, threads=config.store.duckdb_threads,
                            max_spill_mb=config.store.duckdb_max_spill_mb)
         self.archive = ImageArchive(config.resolve(config.store.archive_dir), config.store.retention)
+        self.audit_trail = AuditTrail(self.store)
         self.registry = ModelRegistry(config.models_dir)
         self.users = UserStore(config.state_dir / "users.json")
         self.tokens = TokenIssuer(config.state_dir / "api-secret")
@@ -244,6 +246,7 @@ class Daemon:
             if self.store.recovered:
                 log.warning("recovered %d results from the journal after an unclean stop",
                             self.store.recovered)
+            self.audit_trail.start()
             self.archive.start()
             self.analytics = Analytics(self.store, heads_for(self.config, self.classifier.card))
             from appliance.api import ApiServer
@@ -322,6 +325,7 @@ class Daemon:
             await asyncio.to_thread(self.shadow.close)
             self.shadow = None
         self.archive.close()
+        self.audit_trail.close()
         if self.analytics is not None:
             self.analytics.close()
             self.analytics = None

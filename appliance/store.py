@@ -524,9 +524,14 @@ class Store:
             return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def audit(self, user: str, role: str, action: str, target: str | None, detail: dict[str, Any]) -> None:
+        self.audit_many([(datetime.now(UTC), user, role, action, target, detail)])
+
+    def audit_many(self, rows: Sequence[tuple[datetime, str, str, str, str | None, dict[str, Any]]]) -> None:
+        """Append audit rows (logged_at, user, role, action, target, detail) in one transaction."""
         with self.cursor() as cur:
-            cur.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
-                        [datetime.now(UTC), user, role, action, target, json.dumps(detail, default=str)])
+            cur.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
+                            [[at, user, role, action, target, json.dumps(detail, default=str)]
+                             for at, user, role, action, target, detail in rows])
 
     def audit_log(self, limit: int = 500) -> list[dict[str, Any]]:
         with self.cursor() as cur:
