@@ -35,6 +35,7 @@ from appliance.gate import GateVerdict, run_gate
 from appliance.image_health import ImageHealth
 from appliance.inference import BadImage, Classifier
 from appliance.metrics import LineMetrics
+from appliance.part_text import loggable
 from appliance.priority import background_executor
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult, head_results, new_result_id
@@ -61,6 +62,19 @@ QUALITY_WINDOW = timedelta(hours=8)
 
 class LineHalted(RuntimeError):
     """The line is halted (vision state machine); a trigger is refused until Reset."""
+
+
+class HaltOwned(LineHalted):
+    """A Reset from another channel than the one that halted the line; the message names that channel."""
+
+    def __init__(self, owner: str, who: str) -> None:
+        super().__init__(f"the line was halted over {owner} (by {who}); only {owner}, or an engineer "
+                         f"through the API (POST /api/v1/line/reset), may reset it")
+        self.owner = owner
+
+
+ENGINEER_CHANNEL = "api"
+"""The channel that may always reset: an engineer through the HTTP API (the route checks the role)."""
 
 
 class GateRefused(UserError):
@@ -203,6 +217,8 @@ class Daemon:
         self.publishers: list[Publisher] = []
         self.endpoints: list[PlcEndpoint] = make_endpoints(config, self)
         self.halted = False
+        self.halted_by: tuple[str, str] | None = None
+        """(channel, who) of the halt in force: only that channel, or the API, may reset it."""
         self._tickets: deque[Ticket] = deque()
         self.classifier: Classifier | None = None
         self.shadow: ShadowRunner | None = None
@@ -387,15 +403,41 @@ class Daemon:
             raise LineHalted("the line is halted; Reset it first")
         await self.source.set_continuous(on)
 
-    async def halt(self) -> None:
-        """Stop acquiring (vision state Halted); parts already acquired are still judged and stored."""
+    async def halt(self, channel: str, who: str) -> None:
+        """Stop acquiring (vision state Halted); parts already acquired are still judged and stored.
+
+        The first halt owns it: halting again from another channel does not take the halt over, so a
+        channel cannot make a halt its own to reset it.
+        """
+        self.audit_trail.record(who, channel, "line.halt", None,
+                                {"held_by": self.halted_by[0]} if self.halted_by else None)
+        if self.halted_by is None:
+            self.halted_by = (channel, who)
         self.halted = True
+        log.info("line halted over %s by %s", channel, loggable(who))
         with contextlib.suppress(TriggerNotSupported):
             await self.source.set_continuous(False)
 
-    async def reset(self) -> None:
-        """Leave Halted/Error: clear the error counters; acquisition stays stopped until started."""
-        self.halted = False
+    def check_reset(self, channel: str, who: str) -> None:
+        """Raise HaltOwned (audited) if ``channel`` may not reset the halt in force."""
+        if self.halted_by is None or channel in (self.halted_by[0], ENGINEER_CHANNEL):
+            return
+        owner, holder = self.halted_by
+        self.audit_trail.record(who, channel, "line.reset.refused", None, {"halted_by": owner, "holder": holder})
+        log.warning("line reset over %s by %s refused: halted over %s", channel, loggable(who), owner)
+        raise HaltOwned(owner, holder)
+
+    async def reset(self, channel: str, who: str) -> None:
+        """Leave Halted/Error: clear the error counters; acquisition stays stopped until started.
+
+        Raises HaltOwned when the line was halted over another channel than ``channel`` (except "api").
+        """
+        self.check_reset(channel, who)
+        self.audit_trail.record(who, channel, "line.reset", None,
+                                {"halted_by": self.halted_by[0]} if self.halted_by else None)
+        if self.halted:
+            log.info("line reset over %s by %s", channel, loggable(who))
+        self.halted, self.halted_by = False, None
         self.stats.store_errors = 0
 
     async def wait_for_results(self, count: int, timeout: float) -> None:

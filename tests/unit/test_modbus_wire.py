@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
@@ -20,26 +21,28 @@ from appliance.plc import log_once, modbus_wire
 from appliance.plc.modbus_wire import ModbusTcpServer
 
 LOGGER = "appliance.plc.modbus_wire"
+ALLOWED = [ip_network("127.0.0.1"), ip_network("10.0.0.0/24")]
 
 
 class Bank:
     def read(self, table: str, address: int, count: int) -> list[int]:
         return [0] * count
 
-    def write(self, table: str, address: int, values: list[int]) -> None:
+    def write(self, table: str, address: int, values: list[int], peer: str) -> None:
         pass
 
 
 def server(counted: list[str] | None = None, max_connections: int = 1) -> ModbusTcpServer:
-    return ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, max_connections=max_connections,
+    return ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, allowed_clients=ALLOWED,
+                           max_connections=max_connections, max_connections_per_client=max_connections,
                            idle_timeout_s=60, refused=None if counted is None else counted.append)
 
 
 class Client:
     """All that ``accept`` looks at in a connection."""
 
-    def __init__(self, port: int) -> None:
-        self.peer = f"10.0.0.7:{port}"
+    def __init__(self, port: int, host: str = "10.0.0.7") -> None:
+        self.host, self.peer = host, f"{host}:{port}"
 
 
 def client(port: int) -> Any:
@@ -90,7 +93,8 @@ def test_a_refusal_burst_logs_one_warning_and_counts_every_refusal(caplog: pytes
 
 async def test_refused_sockets_are_reset_logged_once_and_in_prometheus(caplog: pytest.LogCaptureFixture) -> None:
     metrics = LineMetrics()
-    srv = ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, max_connections=1, idle_timeout_s=60,
+    srv = ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, allowed_clients=ALLOWED, max_connections=1,
+                          max_connections_per_client=1, idle_timeout_s=60,
                           refused=lambda reason: metrics.modbus_refused.labels(reason).inc())
     await srv.start()
     try:
