@@ -45,8 +45,8 @@ class Client:
         self.host, self.peer = host, f"{host}:{port}"
 
 
-def client(port: int) -> Any:
-    return Client(port)
+def client(port: int, host: str = "10.0.0.7") -> Any:
+    return Client(port, host)
 
 
 def later(monkeypatch: pytest.MonkeyPatch, minutes: int) -> None:
@@ -115,3 +115,27 @@ async def test_refused_sockets_are_reset_logged_once_and_in_prometheus(caplog: p
         first.close()
     finally:
         await srv.stop()
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("127.0.0.1", True), ("10.0.0.200", True), ("::ffff:10.0.0.9", True),  # IPv4-mapped, from a dual-stack socket
+    ("10.0.1.1", False), ("::1", False), ("fe80::1%eth0", False), ("not-an-address", False),
+])
+def test_allowed_clients_match_addresses_and_networks(host: str, allowed: bool) -> None:
+    assert server().allows(host) is allowed
+
+
+def test_a_stranger_is_refused_before_the_limits_and_logged_once_per_address(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted: list[str] = []
+    srv = server(counted, max_connections=1)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        for port in range(1, 6):
+            assert not srv.accept(client(port, "192.0.2.1"))
+        assert not srv.accept(client(9, "192.0.2.2"))
+        assert srv.accept(client(10))  # the PLC still has its slot
+        later(monkeypatch, 2)
+        assert not srv.accept(client(11, "192.0.2.1"))  # back after a quiet spell: said again
+    warnings = [r.getMessage().split(":", 2)[1].strip() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["connection from 192.0.2.1", "connection from 192.0.2.2", "connection from 192.0.2.1"]
+    assert counted == ["not_allowed"] * 7 and len(srv.connections) == 1
