@@ -273,14 +273,15 @@ class ModbusConfig(Strict):
 
     @model_validator(mode="after")
     def _listed_when_listening_beyond_loopback(self) -> ModbusConfig:
-        if self.enabled and "allowed_clients" not in self.model_fields_set and not _loopback(self.host):
+        if self.enabled and "allowed_clients" not in self.model_fields_set and not loopback_host(self.host):
             raise ValueError(f"host {self.host} listens beyond this machine: set allowed_clients to the PLC "
                              "addresses or networks that may connect (Modbus has no login; anyone who can reach "
                              "the port could write)")
         return self
 
 
-def _loopback(host: str) -> bool:
+def loopback_host(host: str) -> bool:
+    """Whether a listen address is this machine only (a host name may resolve to anything: no)."""
     if host == "localhost":
         return True
     try:

@@ -291,3 +291,36 @@ async def test_modbus_input_writes_are_audited_with_the_peer(tmp_path: Path, lin
         "process_value_1": ("modbus", HOST, 21.5), "trigger": ("modbus", HOST, True),
         "result_ack": ("modbus", HOST, True)}
 
+
+
+async def test_engineers_halt_and_reset_from_the_cli_operators_may_not(tmp_path: Path, line_config) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    cfg, port = triggered_line(tmp_path, line_config, ["0"])
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        auth_headers(daemon, "engineer", "erin")
+        auth_headers(daemon, "operator", "olga")
+        url = f"http://127.0.0.1:{daemon.api_port}"
+
+        def cli(action: str, user: str) -> Any:  # a thread: the daemon's loop goes on serving the API
+            return CliRunner().invoke(app, ["line", action, "--api", url, "--user", user],
+                                      env={"APPLIANCE_PASSWORD": f"{user}-password-123", "APPLIANCE_API_TOKEN": ""})
+
+        halted = await asyncio.to_thread(cli, "halt", "erin")
+        modbus_reset = await request(port, struct.pack(">BHH", 5, 2, 0xFF00))
+        operator = await asyncio.to_thread(cli, "reset", "olga")
+        state_then = daemon.state
+        reset = await asyncio.to_thread(cli, "reset", "erin")
+        state_after = daemon.state
+    finally:
+        await daemon.stop()
+    assert halted.exit_code == 0 and "line halted (halt held by api)" in halted.output, halted.output
+    assert modbus_reset == bytes([0x85, 0x01]), "a halt set through the API is not reset over Modbus"
+    assert operator.exit_code == 2 and "this needs the engineer role" in operator.output, operator.output
+    assert state_then == "halted"
+    assert reset.exit_code == 0 and "line operational" in reset.output, reset.output
+    assert state_after == "operational"
