@@ -102,6 +102,20 @@ async def test_a_client_outside_allowed_clients_is_refused_at_connect_and_holds_
     assert STRANGER in refusals[0].getMessage()
 
 
+async def test_allowing_everyone_works_but_is_a_warning_at_every_start(
+        tmp_path: Path, line_config, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, port = triggered_line(tmp_path, line_config, ["0"], allowed_clients=["0.0.0.0/0"])
+    daemon = Daemon(cfg)
+    with caplog.at_level(logging.WARNING, logger="appliance.plc.modbus"):
+        await daemon.start()
+    try:
+        answer = await request(port, READ_HEARTBEAT, source=STRANGER)
+    finally:
+        await daemon.stop()
+    assert answer[0] == 3
+    assert any("allowed_clients includes 0.0.0.0/0: EVERY host" in r.getMessage() for r in caplog.records)
+
+
 async def test_one_address_holds_at_most_max_connections_per_client() -> None:
     server = ModbusTcpServer(_Bank(), host=HOST, port=0, unit_id=1, allowed_clients=[ip_network("127.0.0.0/8")],
                              max_connections=8, max_connections_per_client=2, idle_timeout_s=60)
