@@ -219,6 +219,7 @@ class Daemon:
         self.halted = False
         self.halted_by: tuple[str, str] | None = None
         """(channel, who) of the halt in force: only that channel, or the API, may reset it."""
+        self._refused_resets: Counter[tuple[str, str]] = Counter()
         self._tickets: deque[Ticket] = deque()
         self.classifier: Classifier | None = None
         self.shadow: ShadowRunner | None = None
@@ -418,13 +419,25 @@ class Daemon:
         with contextlib.suppress(TriggerNotSupported):
             await self.source.set_continuous(False)
 
+    @property
+    def resettable(self) -> bool:
+        """Whether a reset would change anything: the line is halted, or results could not be stored."""
+        return self.halted or self.stats.store_errors > 0
+
     def check_reset(self, channel: str, who: str) -> None:
-        """Raise HaltOwned (audited) if ``channel`` may not reset the halt in force."""
+        """Raise HaltOwned if ``channel`` may not reset the halt in force.
+
+        The first refusal of each (channel, who) during a halt is audited; repeats are only counted
+        and reported with the reset that ends the halt, so hammering a reset coil cannot flood the
+        audit table.
+        """
         if self.halted_by is None or channel in (self.halted_by[0], ENGINEER_CHANNEL):
             return
         owner, holder = self.halted_by
-        self.audit_trail.record(who, channel, "line.reset.refused", None, {"halted_by": owner, "holder": holder})
-        log.warning("line reset over %s by %s refused: halted over %s", channel, loggable(who), owner)
+        if (channel, who) not in self._refused_resets:
+            self.audit_trail.record(who, channel, "line.reset.refused", None,
+                                    {"halted_by": owner, "holder": holder})
+        self._refused_resets[(channel, who)] += 1
         raise HaltOwned(owner, holder)
 
     async def reset(self, channel: str, who: str) -> None:
@@ -433,11 +446,16 @@ class Daemon:
         Raises HaltOwned when the line was halted over another channel than ``channel`` (except "api").
         """
         self.check_reset(channel, who)
-        self.audit_trail.record(who, channel, "line.reset", None,
-                                {"halted_by": self.halted_by[0]} if self.halted_by else None)
+        detail: dict[str, Any] = {"from": self.state}
+        if self.halted_by is not None:
+            detail["halted_by"] = self.halted_by[0]
+        if self._refused_resets:
+            detail["refused_resets"] = sum(self._refused_resets.values())
+        self.audit_trail.record(who, channel, "line.reset", None, detail)
         if self.halted:
             log.info("line reset over %s by %s", channel, loggable(who))
         self.halted, self.halted_by = False, None
+        self._refused_resets.clear()
         self.stats.store_errors = 0
 
     async def wait_for_results(self, count: int, timeout: float) -> None:

@@ -255,7 +255,10 @@ class ModbusEndpoint:
         if after["reset"] and not before["reset"]:
             self.trigger_failed = False
             img.set("trigger_error", img.map.code("trigger_error", "none"))
-            self._spawn(self._reset(peer))
+            if self.daemon.resettable:
+                self._spawn(self._reset(peer))
+            else:  # nothing to reset: counted like an input, so toggling the coil cannot flood the audit
+                audit.input_write("modbus", peer, "reset", True)
 
     async def _reset(self, peer: str) -> None:
         from appliance.daemon import HaltOwned

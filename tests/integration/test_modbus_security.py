@@ -279,8 +279,9 @@ async def test_a_halt_set_over_opcua_is_not_cleared_over_modbus_only_by_opcua_or
 
     rows = [(r["action"], r["role"], r["user"]) for r in reversed(audit)]
     assert rows[:1] == [("line.halt", "opcua", OPERATOR)]
-    assert rows.count(("line.reset.refused", "modbus", HOST)) == 3
-    assert ("line.reset", "opcua", OPERATOR) in rows
+    assert rows.count(("line.reset.refused", "modbus", HOST)) == 1, "the first refusal is a row, repeats are counted"
+    opcua_reset = next(r for r in reversed(audit) if (r["action"], r["role"]) == ("line.reset", "opcua"))
+    assert opcua_reset["detail"] == {"from": "halted", "halted_by": "opcua", "refused_resets": 3}
     assert ("line.reset", "api", "test-engineer") in rows and ("line.halt", "api", "test-engineer") in rows
     assert ("line.reset.refused", "opcua", OPERATOR) in rows
 
@@ -338,3 +339,30 @@ async def test_engineers_halt_and_reset_from_the_cli_operators_may_not(tmp_path:
     assert state_then == "halted"
     assert reset.exit_code == 0 and "line operational" in reset.output, reset.output
     assert state_after == "operational"
+
+
+async def test_toggling_reset_on_a_running_line_is_counted_not_audited_row_by_row(tmp_path: Path, line_config) -> None:
+    cfg, port = triggered_line(tmp_path, line_config, ["0"])
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"".join(mbap(i, struct.pack(">BHH", 5, 2, 0xFF00 if i % 2 else 0)) for i in range(200)))
+        answers = await read_answers(reader, 200)
+        writer.close()
+        await daemon.halt("api", "erin")
+        await mb_write(port, "-t", "0", "-r", "2", values=[0])
+        refused = await request(port, struct.pack(">BHH", 5, 2, 0xFF00))
+        await daemon.reset("api", "erin")
+        await mb_write(port, "-t", "0", "-r", "2", values=[1])
+        daemon.audit_trail.flush()
+        audit = daemon.store.audit_log()
+    finally:
+        await daemon.stop()
+    assert all(body[0] == 5 for _, body in answers)
+    assert refused == bytes([0x85, 0x01])
+    line_rows = [(r["action"], r["role"]) for r in reversed(audit) if r["action"] != "plc.input"]
+    assert line_rows == [("line.halt", "api"), ("line.reset.refused", "modbus"), ("line.reset", "api")]
+    writes = [r for r in audit if r["action"] == "plc.input"]
+    assert {(r["role"], r["user"], r["target"]) for r in writes} == {("modbus", HOST, "reset")}
+    assert sum(r["detail"]["writes"] for r in writes) == 101, "every rising edge counted, none lost"
