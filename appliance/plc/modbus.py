@@ -201,14 +201,14 @@ class ModbusEndpoint:
         return self.image.read(table, address, count)
 
     def write(self, table: str, address: int, values: list[int], peer: str) -> None:
-        """Apply a PLC write from ``peer``; refusals are counted by kind and logged once per peer."""
+        """Apply a PLC write from ``peer``; refusals are counted by kind and logged once per peer and kind."""
         try:
             self._write(table, address, values, peer)
         except ModbusError as exc:
             if exc.kind is not None:
                 self.daemon.metrics.modbus_refused_writes.labels(exc.kind).inc()
-                self._refused_writes.event(peer, "modbus: write from %s refused: %s (further refusals for it are "
-                                           "logged at debug level; counted in "
+                self._refused_writes.event(f"{peer} {exc.kind}", "modbus: write from %s refused: %s (further "
+                                           "ones like it are logged at debug level; counted in "
                                            "appliance_modbus_refused_writes_total)", peer, exc)
             raise
 
