@@ -97,6 +97,17 @@ def config_reference() -> None:
     typer.echo(render(), nl=False)
 
 
+@app.command("systemd-network")
+def systemd_network(file: Annotated[Path, typer.Argument(help="The line's configuration file.")]) -> None:
+    """Print the appliance.service drop-in that lets the config's PLC networks through systemd's IP
+    firewall (the unit allows localhost only): IPAddressAllow= for modbus.allowed_clients, and what
+    to add by hand for OPC UA, API and GigE camera hosts."""
+    from appliance.systemd_network import drop_in
+
+    config = _user_errors(lambda: load_config(file))
+    typer.echo(drop_in(config, file), nl=False)
+
+
 @app.command()
 def run(config: Annotated[Path, typer.Option("--config", "-c", help="Configuration file.")] = DEFAULT_CONFIG,
         ) -> None:
@@ -424,6 +435,25 @@ def models_rollback(api: ApiOption = API_DEFAULT, user: UserOption = None) -> No
     client = _client(api, user)
     out = _user_errors(lambda: client.post("/models/rollback"))
     typer.echo(f"now serving {out['serving']} (rolled back from {out['rolled_back_from']})")
+
+
+line_app = typer.Typer(help="The line's state machine (engineers): halt, and reset whichever channel halted it.",
+                       no_args_is_help=True)
+app.add_typer(line_app, name="line")
+
+
+@line_app.command("halt")
+def line_halt(api: ApiOption = API_DEFAULT, user: UserOption = None) -> None:
+    """Stop acquiring (vision state Halted) until a reset; parts already acquired are finished."""
+    out = _user_errors(lambda: _client(api, user).post("/line/halt"))
+    typer.echo(f"line {out['state']} (halt held by {out['halted_by']})")
+
+
+@line_app.command("reset")
+def line_reset(api: ApiOption = API_DEFAULT, user: UserOption = None) -> None:
+    """Leave Halted/Error, even when OPC UA or Modbus halted the line (audited under your name)."""
+    out = _user_errors(lambda: _client(api, user).post("/line/reset"))
+    typer.echo(f"line {out['state']}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ systemd credentials (see :mod:`appliance.secrets`).  Relative paths are resolved
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Literal
 
@@ -229,18 +230,64 @@ class OpcUaConfig(Strict):
         description="Close a connection that has not activated a session this long after connecting.")
 
 
+LOOPBACK: tuple[IPv4Network | IPv6Network, ...] = (IPv4Network("127.0.0.1/32"), IPv6Network("::1/128"))
+
+
 class ModbusConfig(Strict):
+    """Modbus TCP has no authentication: who may connect is decided by address (docs/plc-modbus.md, Security)."""
+
     enabled: bool = Field(default=True, description="Serve Modbus TCP.")
-    host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 for the plant network).")
+    host: str = Field(default="127.0.0.1", description="Listen address (0.0.0.0 for the plant network; then "
+                                                       "allowed_clients must be set).")
     port: int = Field(default=502, ge=1, le=65535, description="Modbus TCP port (502 is the standard one).")
-    unit_id: int = Field(default=1, ge=0, le=247, description="Unit (slave) id the appliance answers as.")
+    unit_id: int = Field(default=1, ge=1, le=247, description="Unit (slave) id the appliance answers as (also "
+                                                              "255; unit 0, serial broadcast, is refused).")
     word_order: Literal["big", "little"] = Field(
         default="big", description="32-bit values: 'big' = high word first (Modicon), 'little' = low first.")
+    allowed_clients: list[IPv4Network | IPv6Network] = Field(
+        default_factory=lambda: list(LOOPBACK), min_length=1,
+        description="Addresses or networks (10.1.2.3, 10.1.2.0/24, fd00::/64) that may connect; any other "
+                    "peer is disconnected before it is served. Required when host is not a loopback address; "
+                    "0.0.0.0/0 or ::/0 (everyone) is accepted with a warning at every start.",
+        json_schema_extra={"shown_default": "`127.0.0.1`, `::1` (this machine only)"})
+    allow_control: bool = Field(
+        default=True, description="The PLC may write the control coils (trigger, result_ack, reset) and "
+                                  "control_word; false refuses those writes with exception 02, keeping control "
+                                  "on OPC UA while Modbus still serves inputs and results.")
     max_connections: int = Field(default=8, ge=1, le=256, description="Further TCP clients are refused.")
+    max_connections_per_client: int = Field(
+        default=4, ge=1, le=256,
+        description="Connections one client address may hold at once, so one host cannot take every slot.")
     idle_timeout_s: float = Field(default=60, gt=0, le=3600, description="Close a silent connection after.")
     register_map: Path | None = Field(
         default=None, description="Register map YAML (relative to state_dir); the shipped "
                                   "configs/modbus_map.yaml if absent. Validated at start.")
+
+    @field_validator("allowed_clients", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        """``ipaddress`` parses strictly and says why (``10.1.2.3/24 has host bits set``)."""
+        if isinstance(value, list):
+            return [ip_network(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _listed_when_listening_beyond_loopback(self) -> ModbusConfig:
+        if self.enabled and "allowed_clients" not in self.model_fields_set and not loopback_host(self.host):
+            raise ValueError(f"host {self.host} listens beyond this machine: set allowed_clients to the PLC "
+                             "addresses or networks that may connect (Modbus has no login; anyone who can reach "
+                             "the port could write)")
+        return self
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a listen address is this machine only (a host name may resolve to anything: no)."""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to a plant address
+        return False
 
 
 class RegistryConfig(Strict):

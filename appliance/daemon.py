@@ -35,6 +35,7 @@ from appliance.gate import GateVerdict, run_gate
 from appliance.image_health import ImageHealth
 from appliance.inference import BadImage, Classifier
 from appliance.metrics import LineMetrics
+from appliance.part_text import loggable
 from appliance.priority import background_executor
 from appliance.registry import ModelRegistry
 from appliance.result import PartResult, head_results, new_result_id
@@ -61,6 +62,19 @@ QUALITY_WINDOW = timedelta(hours=8)
 
 class LineHalted(RuntimeError):
     """The line is halted (vision state machine); a trigger is refused until Reset."""
+
+
+class HaltOwned(LineHalted):
+    """A Reset from another channel than the one that halted the line; the message names that channel."""
+
+    def __init__(self, owner: str, who: str) -> None:
+        super().__init__(f"the line was halted over {owner} (by {who}); only {owner}, or an engineer "
+                         f"through the API (POST /api/v1/line/reset), may reset it")
+        self.owner = owner
+
+
+ENGINEER_CHANNEL = "api"
+"""The channel that may always reset: an engineer through the HTTP API (the route checks the role)."""
 
 
 class GateRefused(UserError):
@@ -203,6 +217,9 @@ class Daemon:
         self.publishers: list[Publisher] = []
         self.endpoints: list[PlcEndpoint] = make_endpoints(config, self)
         self.halted = False
+        self.halted_by: tuple[str, str] | None = None
+        """(channel, who) of the halt in force: only that channel, or the API, may reset it."""
+        self._refused_resets: Counter[tuple[str, str]] = Counter()
         self._tickets: deque[Ticket] = deque()
         self.classifier: Classifier | None = None
         self.shadow: ShadowRunner | None = None
@@ -387,15 +404,58 @@ class Daemon:
             raise LineHalted("the line is halted; Reset it first")
         await self.source.set_continuous(on)
 
-    async def halt(self) -> None:
-        """Stop acquiring (vision state Halted); parts already acquired are still judged and stored."""
+    async def halt(self, channel: str, who: str) -> None:
+        """Stop acquiring (vision state Halted); parts already acquired are still judged and stored.
+
+        The first halt owns it: halting again from another channel does not take the halt over, so a
+        channel cannot make a halt its own to reset it.
+        """
+        self.audit_trail.record(who, channel, "line.halt", None,
+                                {"held_by": self.halted_by[0]} if self.halted_by else None)
+        if self.halted_by is None:
+            self.halted_by = (channel, who)
         self.halted = True
+        log.info("line halted over %s by %s", channel, loggable(who))
         with contextlib.suppress(TriggerNotSupported):
             await self.source.set_continuous(False)
 
-    async def reset(self) -> None:
-        """Leave Halted/Error: clear the error counters; acquisition stays stopped until started."""
-        self.halted = False
+    @property
+    def resettable(self) -> bool:
+        """Whether a reset would change anything: the line is halted, or results could not be stored."""
+        return self.halted or self.stats.store_errors > 0
+
+    def check_reset(self, channel: str, who: str) -> None:
+        """Raise HaltOwned if ``channel`` may not reset the halt in force.
+
+        The first refusal of each (channel, who) during a halt is audited; repeats are only counted
+        and reported with the reset that ends the halt, so hammering a reset coil cannot flood the
+        audit table.
+        """
+        if self.halted_by is None or channel in (self.halted_by[0], ENGINEER_CHANNEL):
+            return
+        owner, holder = self.halted_by
+        if (channel, who) not in self._refused_resets:
+            self.audit_trail.record(who, channel, "line.reset.refused", None,
+                                    {"halted_by": owner, "holder": holder})
+        self._refused_resets[(channel, who)] += 1
+        raise HaltOwned(owner, holder)
+
+    async def reset(self, channel: str, who: str) -> None:
+        """Leave Halted/Error: clear the error counters; acquisition stays stopped until started.
+
+        Raises HaltOwned when the line was halted over another channel than ``channel`` (except "api").
+        """
+        self.check_reset(channel, who)
+        detail: dict[str, Any] = {"from": self.state}
+        if self.halted_by is not None:
+            detail["halted_by"] = self.halted_by[0]
+        if self._refused_resets:
+            detail["refused_resets"] = sum(self._refused_resets.values())
+        self.audit_trail.record(who, channel, "line.reset", None, detail)
+        if self.halted:
+            log.info("line reset over %s by %s", channel, loggable(who))
+        self.halted, self.halted_by = False, None
+        self._refused_resets.clear()
         self.stats.store_errors = 0
 
     async def wait_for_results(self, count: int, timeout: float) -> None:

@@ -48,7 +48,10 @@ class LineMetrics:
             registry=r)
         self.modbus_refused = Counter(
             "appliance_modbus_refused_connections", "Modbus TCP connections refused by the server (reason: "
-            "max_connections)", ["reason"], registry=r)
+            "not_allowed, max_connections, per_client_limit)", ["reason"], registry=r)
+        self.modbus_refused_writes = Counter(
+            "appliance_modbus_refused_writes", "Modbus writes refused with an exception and not applied (reason: "
+            "unsafe_text, bad_value, control_disabled, reset_refused)", ["reason"], registry=r)
 
     def opcua_event(self, family: str, kind: str) -> None:
         """Count what the OPC UA port refused (see appliance.plc.opcua_transport.MalformedTraffic)."""

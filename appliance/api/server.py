@@ -19,7 +19,14 @@ import uvicorn
 from fastapi import Depends, FastAPI
 
 from appliance import __version__
-from appliance.api import routes_analytics, routes_auth, routes_models, routes_results, routes_review
+from appliance.api import (
+    routes_analytics,
+    routes_auth,
+    routes_line,
+    routes_models,
+    routes_results,
+    routes_review,
+)
 from appliance.api.deps import known_query_only
 from appliance.errors import UserError
 
@@ -34,7 +41,7 @@ def build_app(daemon: Daemon) -> FastAPI:
                   description="Results, review, models and health of one inspection station.",
                   dependencies=[Depends(known_query_only)])
     app.state.daemon = daemon
-    for module in (routes_results, routes_auth, routes_review, routes_models, routes_analytics):
+    for module in (routes_results, routes_auth, routes_review, routes_models, routes_analytics, routes_line):
         app.include_router(module.router, prefix=API_PREFIX)
     return app
 

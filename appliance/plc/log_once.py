@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 clock = time.monotonic
@@ -45,3 +46,26 @@ class Persistent:
         if self.active and (self.quiet_s is None or self._quiet(clock())):
             self.log.info(msg, *args)
             self.active = False
+
+
+class PerHost:
+    """Log an event once per host: the first from a host at ``level``, more from it at debug until it
+    has been quiet for ``quiet_s``.  At most ``hosts`` hosts are remembered; while that many are, a new
+    host's events go to debug, so a flood from many addresses grows neither memory nor the journal
+    (every event is still counted by the caller).
+    """
+
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING, *, quiet_s: float,
+                 hosts: int = 1024) -> None:
+        self.log, self.level, self.quiet_s, self.hosts = logger, level, quiet_s, hosts
+        self._last: OrderedDict[str, float] = OrderedDict()  # host → its latest event, oldest first
+
+    def event(self, host: str, msg: str, *args: Any) -> None:
+        now = clock()
+        while self._last and now - next(iter(self._last.values())) >= self.quiet_s:
+            self._last.popitem(last=False)
+        known = host in self._last
+        if known or len(self._last) < self.hosts:
+            self._last[host] = now
+            self._last.move_to_end(host)
+        self.log.log(self.level if not known and host in self._last else logging.DEBUG, msg, *args)

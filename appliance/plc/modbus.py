@@ -30,7 +30,8 @@ from pymodbus.constants import ExcCodes
 
 from appliance.camera.base import TriggerNotSupported
 from appliance.config import ModbusConfig
-from appliance.plc.log_once import Persistent
+from appliance.part_text import check_part_text
+from appliance.plc.log_once import PerHost, Persistent
 from appliance.plc.modbus_map import (
     CONTROL_BITS,
     STATUS_BITS,
@@ -39,7 +40,7 @@ from appliance.plc.modbus_map import (
     Value,
     load_register_map,
 )
-from appliance.plc.modbus_wire import ModbusError, ModbusTcpServer
+from appliance.plc.modbus_wire import ModbusError, ModbusTcpServer, Network
 from appliance.result import PartResult
 
 if TYPE_CHECKING:
@@ -48,13 +49,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+PART_TEXT = frozenset({"part_id", "batch"})
+"""Inputs held to appliance.part_text's safe character set (exception 03 otherwise)."""
+CONTROL = frozenset({*CONTROL_BITS, "control_word"})
+"""What ``modbus.allow_control: false`` refuses (exception 02)."""
+REFUSALS_QUIET_S = 60.0
 
 
 class RegisterImage:
     """The values of every table, addressed like the PLC addresses them, with the map's access rules."""
 
-    def __init__(self, regmap: RegisterMap) -> None:
+    def __init__(self, regmap: RegisterMap, locked: frozenset[str] = frozenset()) -> None:
         self.map = regmap
+        self.locked = locked  # writable entries refused anyway (the control bits when allow_control is off)
         tables = ("coil", "discrete_input", "input_register", "holding_register")
         self.values: dict[str, list[int]] = {t: [0] * regmap.size(t) for t in tables}
         self.owner: dict[str, list[Entry | None]] = {t: [None] * regmap.size(t) for t in tables}
@@ -84,23 +91,30 @@ class RegisterImage:
     def write(self, table: str, address: int, values: list[int]) -> list[Entry]:
         """Check, then store ``values``; return the entries touched, in address order.
 
-        02 when any address is not a PLC-writable entry or a 32-bit value would be split, 03 when
-        a value is not acceptable (non-ASCII text, NaN); nothing is stored unless all is well.
+        02 when any address is not a PLC-writable entry (or a locked one) or a 32-bit value would be
+        split, 03 when a value is not acceptable (part text outside the safe character set, NaN);
+        nothing is stored unless all is well.
         """
         end = address + len(values)
         owners = self.owner[table][address:end] if end <= len(self.owner[table]) else []
         if len(owners) != len(values) or any(o is None or o.access != "rw" for o in owners):
             raise ModbusError(ExcCodes.ILLEGAL_ADDRESS, f"{table} {address}..{end - 1} is not writable")
         touched = list(dict.fromkeys(o for o in owners if o is not None))
+        if locked := [e.name for e in touched if e.name in self.locked]:
+            raise ModbusError(ExcCodes.ILLEGAL_ADDRESS, f"{', '.join(locked)}: control over Modbus is off "
+                                                        "(modbus.allow_control)", kind="control_disabled")
         staged = self.values[table][:]
         staged[address:end] = values
         for e in touched:
             if e.type != "string" and (e.address < address or e.end > end):
                 raise ModbusError(ExcCodes.ILLEGAL_ADDRESS, f"{e.name} must be written whole")
             try:
-                self.map.decode(e, staged[e.address:e.end])
+                value = self.map.decode(e, staged[e.address:e.end])
+                if e.name in PART_TEXT:
+                    check_part_text(str(value), e.name)
             except ValueError as exc:
-                raise ModbusError(ExcCodes.ILLEGAL_VALUE, str(exc)) from None
+                raise ModbusError(ExcCodes.ILLEGAL_VALUE, str(exc),
+                                  kind="unsafe_text" if e.name in PART_TEXT else "bad_value") from None
         self.values[table][address:end] = values
         return touched
 
@@ -119,6 +133,7 @@ class ModbusEndpoint:
         self.pending = 0  # triggers whose result is not settled yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._trigger_trouble = Persistent(log)
+        self._refused_writes = PerHost(log, quiet_s=REFUSALS_QUIET_S)
         self._batch_shown: str | None = None  # the batch the ``batch`` register was last set to
 
     @property
@@ -133,18 +148,22 @@ class ModbusEndpoint:
     async def start(self) -> None:
         path = self.config.register_map
         regmap = load_register_map(self.daemon.config.resolve(path) if path else None, self.config.word_order)
-        self.image = RegisterImage(regmap)
+        self.image = RegisterImage(regmap, frozenset() if self.config.allow_control else CONTROL)
         self._describe_codes()
+        self._warn_if_open(self.config.allowed_clients)
         self.server = ModbusTcpServer(self, host=self.config.host, port=self.config.port,
-                                      unit_id=self.config.unit_id,
+                                      unit_id=self.config.unit_id, allowed_clients=self.config.allowed_clients,
                                       max_connections=self.config.max_connections,
+                                      max_connections_per_client=self.config.max_connections_per_client,
                                       idle_timeout_s=self.config.idle_timeout_s,
                                       refused=lambda reason: self.daemon.metrics.modbus_refused.labels(reason).inc())
         await self.server.start()
         self._spawn(self._heartbeat())
-        log.info("Modbus TCP on %s:%s (unit %d, %s word order first, map %s)", self.config.host,
-                 self.server.port, self.config.unit_id, "high" if self.config.word_order == "big" else "low",
-                 regmap.source)
+        log.info("Modbus TCP on %s:%s (unit %d, %s word order first, map %s; clients from %s; control %s)",
+                 self.config.host, self.server.port, self.config.unit_id,
+                 "high" if self.config.word_order == "big" else "low", regmap.source,
+                 ", ".join(map(str, self.config.allowed_clients)),
+                 "allowed" if self.config.allow_control else "refused (modbus.allow_control: false)")
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
@@ -181,36 +200,73 @@ class ModbusEndpoint:
         self._refresh()
         return self.image.read(table, address, count)
 
-    def write(self, table: str, address: int, values: list[int]) -> None:
+    def write(self, table: str, address: int, values: list[int], peer: str) -> None:
+        """Apply a PLC write from ``peer``; refusals are counted by kind and logged once per peer and kind."""
+        try:
+            self._write(table, address, values, peer)
+        except ModbusError as exc:
+            if exc.kind is not None:
+                self.daemon.metrics.modbus_refused_writes.labels(exc.kind).inc()
+                self._refused_writes.event(f"{peer} {exc.kind}", "modbus: write from %s refused: %s (further "
+                                           "ones like it are logged at debug level; counted in "
+                                           "appliance_modbus_refused_writes_total)", peer, exc)
+            raise
+
+    def _write(self, table: str, address: int, values: list[int], peer: str) -> None:
+        from appliance.daemon import HaltOwned
+
         assert self.image is not None
         img = self.image
         self._show_batch()  # a write of part of the batch changes the batch in use
         before = self._control_bits()
+        saved = {t: img.values[t][:] for t in ("coil", "holding_register")}
         touched = img.write(table, address, values)
         names = {e.name for e in touched}
         if "control_word" in names:
             word = int(img.get("control_word"))
             for name in CONTROL_BITS:
                 img.set(name, bool(word >> int(img.map[name].bit or 0) & 1))
-        ctx = self.daemon.context
+        after = self._control_bits()
+        if after["reset"] and not before["reset"]:
+            try:
+                self.daemon.check_reset("modbus", peer)
+            except HaltOwned as exc:  # the halt belongs to OPC UA or the API: this write changes nothing
+                img.values.update(saved)
+                raise ModbusError(ExcCodes.ILLEGAL_FUNCTION, str(exc), kind="reset_refused") from None
+        ctx, audit = self.daemon.context, self.daemon.audit_trail
         for e in touched:  # inputs first, so one write can carry the part data and the trigger
             if e.name == "part_id":
                 ctx.part_id = str(img.get("part_id")) or None
+                audit.input_write("modbus", peer, "part_id", ctx.part_id)
             elif e.name == "batch":
                 ctx.batch = str(img.get("batch")) or None
+                audit.input_write("modbus", peer, "batch", ctx.batch)
             elif e.process_value:
                 ctx.process_values[e.name] = float(img.get(e.name))
-        after = self._control_bits()
+                audit.input_write("modbus", peer, e.name, ctx.process_values[e.name])
         if after["trigger"] and not before["trigger"]:
+            audit.input_write("modbus", peer, "trigger", True)
             self._on_trigger()
         elif before["trigger"] and not after["trigger"]:
             self.trigger_ack = False
         if after["result_ack"] and not before["result_ack"]:
+            audit.input_write("modbus", peer, "result_ack", True)
             self.result_valid = False
         if after["reset"] and not before["reset"]:
             self.trigger_failed = False
             img.set("trigger_error", img.map.code("trigger_error", "none"))
-            self._spawn(self.daemon.reset())
+            if self.daemon.resettable:
+                self._spawn(self._reset(peer))
+            else:  # nothing to reset: counted like an input, so toggling the coil cannot flood the audit
+                audit.input_write("modbus", peer, "reset", True)
+
+    async def _reset(self, peer: str) -> None:
+        from appliance.daemon import HaltOwned
+
+        try:
+            await self.daemon.reset("modbus", peer)
+        except HaltOwned as exc:  # halted over another channel since the write was checked
+            log.warning("modbus: reset from %s refused: %s", peer, exc)
 
     # -- the handshake ------------------------------------------------------------------------------
     def _on_trigger(self) -> None:
@@ -308,6 +364,13 @@ class ModbusEndpoint:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             self.image.set("heartbeat", (int(self.image.get("heartbeat")) + 1) & 0xFFFF)
+
+    @staticmethod
+    def _warn_if_open(allowed: list[Network]) -> None:
+        if everyone := [str(net) for net in allowed if net.prefixlen == 0]:
+            log.warning("modbus: allowed_clients includes %s: EVERY host that can reach the port may connect "
+                        "and write part data, trigger, acknowledge results and reset (Modbus has no login); "
+                        "list the PLC addresses instead", " and ".join(everyone))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -13,6 +13,12 @@ memory), so the answers leave in request order and no lock is needed: the event 
 owner of the bus.  A frame whose header cannot be trusted (protocol id not 0, impossible length)
 closes that connection, because the stream cannot be resynchronised; everything else is answered,
 with a Modbus exception when it is wrong.  Nothing a client sends can raise out of this module.
+
+Modbus has no authentication, so the server decides by address, at accept, before reading a byte:
+a peer outside ``allowed_clients`` is reset at once and never holds one of the ``max_connections``
+slots, and one allowed address holds at most ``max_connections_per_client`` of them.  Requests for
+unit 0 (a serial-line broadcast, which a TCP server must not execute) or for another unit than
+ours or 255 get exception 0B and change nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Protocol
 
 from pymodbus.constants import ExcCodes
@@ -39,7 +46,7 @@ from pymodbus.pdu.register_message import (
 )
 
 from appliance.errors import UserError
-from appliance.plc.log_once import Persistent
+from appliance.plc.log_once import PerHost, Persistent
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +62,39 @@ READ_RESPONSE: dict[int, type[ModbusPDU]] = {
 
 
 class ModbusError(Exception):
-    """Answer the request with this Modbus exception code (01 function, 02 address, 03 value, 04 failure)."""
+    """Answer the request with this Modbus exception code (01 function, 02 address, 03 value, 04 failure).
 
-    def __init__(self, code: int, reason: str = "") -> None:
+    ``kind`` names a refusal worth counting on its own (the daemon's Prometheus label), e.g. unsafe_text.
+    """
+
+    def __init__(self, code: int, reason: str = "", kind: str | None = None) -> None:
         super().__init__(reason or f"exception {code:02d}")
-        self.code = code
+        self.code, self.kind = code, kind
 
 
 class RegisterBank(Protocol):
-    """What the server reads and writes; bits travel as 0/1.  Raise ModbusError to refuse."""
+    """What the server reads and writes; bits travel as 0/1.  Raise ModbusError to refuse.
+
+    ``peer`` is the writer's IP address (for the audit trail).
+    """
 
     def read(self, table: str, address: int, count: int) -> list[int]: ...
 
-    def write(self, table: str, address: int, values: list[int]) -> None: ...
+    def write(self, table: str, address: int, values: list[int], peer: str) -> None: ...
+
+
+Network = IPv4Network | IPv6Network
+
+
+def client_address(host: str) -> IPv4Address | IPv6Address | None:
+    """The peer's address as ``allowed_clients`` lists it (an IPv4-mapped IPv6 address as IPv4)."""
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _check(pdu: bytes) -> None:
@@ -100,59 +127,65 @@ def _check(pdu: bytes) -> None:
 _DECODER = DecodePDU(is_server=True)
 
 
-def answer(bank: RegisterBank, pdu: bytes) -> bytes:
-    """The response PDU to request ``pdu`` (an exception response when the request is refused)."""
+def answer(bank: RegisterBank, pdu: bytes, peer: str) -> bytes:
+    """The response PDU to request ``pdu`` from ``peer`` (an exception response when it is refused)."""
     fc = pdu[0]
     try:
         _check(pdu)
         request = _DECODER.decode(pdu)
         if request is None:  # cannot happen after _check; refuse rather than guess
             raise ModbusError(ExcCodes.ILLEGAL_VALUE, "undecodable request")
-        response = _execute(bank, fc, request)
+        response = _execute(bank, fc, request, peer)
     except ModbusError as exc:
         response = ExceptionResponse(fc & 0x7F, exc.code)
     return bytes([response.function_code]) + response.encode()
 
 
-def _execute(bank: RegisterBank, fc: int, req: ModbusPDU) -> ModbusPDU:
+def _execute(bank: RegisterBank, fc: int, req: ModbusPDU, peer: str) -> ModbusPDU:
     if fc in READ_TABLE:
         values = bank.read(READ_TABLE[fc], req.address, req.count)
         if fc <= 2:
             return READ_RESPONSE[fc](bits=[bool(v) for v in values])
         return READ_RESPONSE[fc](registers=values)
     if fc == 5:
-        bank.write("coil", req.address, [int(req.bits[0])])
+        bank.write("coil", req.address, [int(req.bits[0])], peer)
         return WriteSingleCoilResponse(address=req.address, bits=[bool(req.bits[0])])
     if fc == 15:
-        bank.write("coil", req.address, [int(b) for b in req.bits[: req.count]])
+        bank.write("coil", req.address, [int(b) for b in req.bits[: req.count]], peer)
         return WriteMultipleCoilsResponse(address=req.address, count=req.count)
     if fc == 6:
-        bank.write("holding_register", req.address, list(req.registers))
+        bank.write("holding_register", req.address, list(req.registers), peer)
         return WriteSingleRegisterResponse(address=req.address, registers=list(req.registers))
-    bank.write("holding_register", req.address, list(req.registers))
+    bank.write("holding_register", req.address, list(req.registers), peer)
     return WriteMultipleRegistersResponse(address=req.address, count=req.count)
 
 
 class ModbusTcpServer:
-    """Serves one register bank to at most ``max_connections`` clients; idle clients are dropped.
+    """Serves one register bank to at most ``max_connections`` allowed clients; idle clients are dropped.
 
-    Connections refused at the limit are counted in ``counters`` and passed to ``refused`` (with the
-    reason, ``max_connections``: the daemon's Prometheus counter); the first of a flood is logged at
-    WARNING, the rest at DEBUG, and "accepting again" only once none was refused for :data:`QUIET_S`
-    (a flood at the limit lets a client in whenever another leaves).
+    Refused connections are counted in ``counters`` and passed to ``refused`` with the reason
+    (``not_allowed``, ``max_connections``, ``per_client_limit``: the daemon's Prometheus counter).  A peer
+    outside ``allowed_clients`` is logged once per address (then at debug while it keeps trying); at
+    the limits the first refusal of a flood is logged at WARNING, the rest at DEBUG, and "accepting
+    again" only once none was refused for :data:`QUIET_S` (a flood at the limit lets a client in
+    whenever another leaves).
     """
 
     def __init__(self, bank: RegisterBank, *, host: str, port: int, unit_id: int,
-                 max_connections: int, idle_timeout_s: float,
-                 refused: Callable[[str], None] | None = None) -> None:
+                 allowed_clients: Sequence[Network], max_connections: int, max_connections_per_client: int,
+                 idle_timeout_s: float, refused: Callable[[str], None] | None = None) -> None:
         self.bank, self.host, self.port, self.unit_id = bank, host, port, unit_id
-        self.max_connections, self.idle_timeout_s = max_connections, idle_timeout_s
+        self.allowed_clients = tuple(allowed_clients)
+        self.max_connections, self.max_per_client = max_connections, max_connections_per_client
+        self.idle_timeout_s = idle_timeout_s
         self.refused = refused
         self.connections: set[_Connection] = set()
-        self.counters = {"connections": 0, "refused": 0, "requests": 0, "exceptions": 0,
+        self.counters = {"connections": 0, "refused": 0, "requests": 0, "exceptions": 0, "other_unit": 0,
                          "malformed": 0, "internal_errors": 0, "idle_closed": 0}
         self._server: asyncio.Server | None = None
         self._at_limit = Persistent(log, quiet_s=QUIET_S)
+        self._strangers = PerHost(log, quiet_s=QUIET_S)
+        self._greedy = PerHost(log, quiet_s=QUIET_S)
         self._internal = Persistent(log, logging.ERROR)
         self._garbage = Persistent(log, quiet_s=QUIET_S)
 
@@ -174,20 +207,39 @@ class ModbusTcpServer:
         await self._server.wait_closed()
         self._server = None
 
+    def allows(self, host: str) -> bool:
+        address = client_address(host)
+        return address is not None and any(address in net for net in self.allowed_clients)
+
     def accept(self, conn: _Connection) -> bool:
+        """Whether ``conn`` may stay: its address is allowed and there is a slot for it."""
+        if not self.allows(conn.host):
+            self._refuse("not_allowed")
+            self._strangers.event(conn.host, "modbus: connection from %s refused: not in modbus.allowed_clients "
+                                  "(further attempts from it are logged at debug level while they go on, and "
+                                  "counted in appliance_modbus_refused_connections_total)", conn.peer)
+            return False
         if len(self.connections) >= self.max_connections:
-            self.counters["refused"] += 1
-            if self.refused is not None:
-                self.refused("max_connections")
+            self._refuse("max_connections")
             self._at_limit.fail("modbus: connection from %s refused, %d clients is the limit "
                                 "(modbus.max_connections; further refusals are logged at debug level while "
                                 "they go on, and counted in appliance_modbus_refused_connections_total)",
                                 conn.peer, self.max_connections)
             return False
+        if sum(c.host == conn.host for c in self.connections) >= self.max_per_client:
+            self._refuse("per_client_limit")
+            self._greedy.event(conn.host, "modbus: connection from %s refused: %s already holds %d connections "
+                               "(modbus.max_connections_per_client)", conn.peer, conn.host, self.max_per_client)
+            return False
         self.connections.add(conn)
         self.counters["connections"] += 1
         self._at_limit.recover("modbus: accepting clients again (%d connected)", len(self.connections))
         return True
+
+    def _refuse(self, reason: str) -> None:
+        self.counters["refused"] += 1
+        if self.refused is not None:
+            self.refused(reason)
 
     def malformed(self, peer: str, what: str) -> None:
         self.counters["malformed"] += 1
@@ -195,14 +247,15 @@ class ModbusTcpServer:
         self._garbage.fail("modbus: malformed frame from %s (%s); closing that connection "
                            "(further ones are logged at debug level)", peer, what)
 
-    def handle(self, unit: int, pdu: bytes) -> bytes:
-        """Answer one framed request; never raises."""
+    def handle(self, unit: int, pdu: bytes, peer: str) -> bytes:
+        """Answer one framed request from ``peer`` (its address); never raises."""
         self.counters["requests"] += 1
         try:
-            if unit not in (self.unit_id, 0, 255):
+            if unit not in (self.unit_id, 255):  # 0 included: a broadcast is not executed, nor answered normally
+                self.counters["other_unit"] += 1
                 reply = bytes([pdu[0] | 0x80, ExcCodes.GATEWAY_NO_RESPONSE])
             else:
-                reply = answer(self.bank, pdu)
+                reply = answer(self.bank, pdu, peer)
             self._internal.recover("modbus: requests are answered normally again")
         except Exception:  # noqa: BLE001 - the wire boundary: a bug costs one answer, not the server
             self.counters["internal_errors"] += 1
@@ -217,7 +270,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: ModbusTcpServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        self.peer = self.host = "?"  # "address:port" for the log; the address for the allow list and audit
         self._buf = bytearray()
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -226,6 +279,8 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        self.host = str(client_address(host) or host)
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if not self.server.accept(self):
             transport.abort()  # RST: the client sees the refusal at once
@@ -247,7 +302,7 @@ class _Connection(asyncio.Protocol):
                 break  # the rest of this frame is still on its way
             pdu = bytes(self._buf[MBAP.size:end])
             del self._buf[:end]
-            reply = self.server.handle(unit, pdu)
+            reply = self.server.handle(unit, pdu, self.host)
             replies.append(MBAP.pack(tid, 0, len(reply) + 1, unit) + reply)
         if replies:  # only answered requests count as activity: a trickled partial frame does not
             self._last = asyncio.get_running_loop().time()

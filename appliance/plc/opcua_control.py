@@ -41,6 +41,11 @@ def status(code: int) -> ua.StatusCode:
     return ua.StatusCode(ua.UInt32(code))
 
 
+def _name(user: User | None) -> str:
+    """Who an audit row names: the OPC UA user, or the server's own internal session."""
+    return (user.name if user is not None else None) or "internal"
+
+
 class ArgumentError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -206,17 +211,26 @@ class LineControl:
         return _error_out()
 
     async def halt(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
-        if not may_operate(caller()):
+        user = caller()
+        if not may_operate(user):
             return status(Bad.BadUserAccessDenied)
-        await self.daemon.halt()
+        await self.daemon.halt("opcua", _name(user))
         self.continuous = False
         await self._changed()
         return _error_out()
 
     async def reset(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
-        if not may_operate(caller()):
+        """BadInvalidState when the line was halted over another channel (Modbus, the HTTP API)."""
+        from appliance.daemon import HaltOwned
+
+        user = caller()
+        if not may_operate(user):
             return status(Bad.BadUserAccessDenied)
-        await self.daemon.reset()
+        try:
+            await self.daemon.reset("opcua", _name(user))
+        except HaltOwned as exc:
+            log.info("OPC UA Reset refused: %s", exc)
+            return status(Bad.BadInvalidState)
         await self._changed()
         return _error_out()
 

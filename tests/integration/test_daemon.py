@@ -189,11 +189,11 @@ async def test_triggered_parts_carry_plc_data_into_the_store(tmp_path: Path, lin
         second = await asyncio.wait_for(await daemon.trigger(part_id="SN-1002"), 10)
         await asyncio.sleep(0.3)
         assert daemon.stats.judged == 2, "no frame without a trigger"
-        await daemon.halt()
+        await daemon.halt("api", "test-engineer")
         assert daemon.state == "halted"
         with pytest.raises(LineHalted):
             await daemon.trigger(part_id="SN-1003")
-        await daemon.reset()
+        await daemon.reset("api", "test-engineer")
         await daemon.set_continuous(True)
         await daemon.wait_for_results(5, timeout=10)
         daemon.store.flush()

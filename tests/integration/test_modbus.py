@@ -15,6 +15,7 @@ import shutil
 import socket
 import struct
 import time
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.skipif(shutil.which("mbpoll") is None,
                                 reason="needs Debian mbpoll (scripts/system-deps.sh)")
 
 HOST = "127.0.0.1"
+LOCAL = [ip_network(HOST)]
 DI = {n: i for i, n in enumerate(["ready", "trigger_ack", "busy", "result_valid", "error",
                                   "camera_online", "halted", "trigger_failed", "image_warning",
                                   "quality_alarm"])}
@@ -242,7 +244,7 @@ async def test_trigger_on_a_halted_line_is_reported_and_reset_recovers(tmp_path:
     daemon = Daemon(cfg)
     await daemon.start()
     try:
-        await daemon.halt()
+        await daemon.halt("modbus", HOST)
         await mb_write(port, "-t", "4", "-r", "101", values=ascii_registers("KEEP-ME"))
         await mb_write(port, "-t", "0", "-r", "0", values=[1])
         bits = await wait_status(port, "trigger_failed", True)
@@ -567,12 +569,13 @@ class _Bank:
     def read(self, table: str, address: int, count: int) -> list[int]:
         return [address + i for i in range(count)]
 
-    def write(self, table: str, address: int, values: list[int]) -> None:
+    def write(self, table: str, address: int, values: list[int], peer: str) -> None:
         pass
 
 
 async def test_connection_limit_and_idle_timeout() -> None:
-    server = ModbusTcpServer(_Bank(), host=HOST, port=0, unit_id=1, max_connections=2, idle_timeout_s=0.5)
+    server = ModbusTcpServer(_Bank(), host=HOST, port=0, unit_id=1, allowed_clients=LOCAL, max_connections=2,
+                             max_connections_per_client=2, idle_timeout_s=0.5)
     await server.start()
     request = mbap(1, struct.pack(">BHH", 3, 5, 1))
     try:
@@ -613,7 +616,7 @@ def test_answer_never_raises_on_random_pdus() -> None:
     for _ in range(20_000):
         pdu = bytes([rng.choice([1, 2, 3, 4, 5, 6, 15, 16, rng.randrange(256)])]) + rng.randbytes(
             rng.randint(0, 30))
-        reply = answer(_Bank(), pdu)
+        reply = answer(_Bank(), pdu, HOST)
         assert reply[0] in (pdu[0], pdu[0] | 0x80)
 
 

@@ -439,7 +439,9 @@ async def test_garbage_on_both_plc_ports(tmp_path: Path, line_config, state_dir:
                       camera={"view": "top", "source": "replay",
                               "replay": {"path": str(images), "rate_hz": 50, "loop": True}},
                       store={"retention": {"pass": 0.0, "rework": 0.0, "reject": 0.0, "min_free_mb": 0}},
-                      modbus={"enabled": True, "host": HOST, "port": modbus_port},
+                      # every fuzz client is 127.0.0.1, like the PLC: the per-address cap would refuse the
+                      # fuzz's own workers (tests/integration/test_modbus_security.py tests that cap)
+                      modbus={"enabled": True, "host": HOST, "port": modbus_port, "max_connections_per_client": 8},
                       opcua={"enabled": True, "host": HOST, "port": opcua_port,
                              "users": [{"name": OPERATOR, "role": "operator", "password_env": "FUZZ_OPCUA_PW"}]})
     cert, key = client_certificate(tmp_path / "client-pki")

@@ -182,3 +182,29 @@ def test_configuration_reference_is_current_and_names_every_key(monkeypatch) -> 
     assert "| `frozen_blocks` | int | `13` | 0 ≤ x ≤ 16 |" in recipe
     assert "| `brightness_gains` | list of float | empty | at most 8 entries |" in recipe
     assert "Without this section: `enabled: false`." in sections["modbus"]
+
+
+@pytest.mark.parametrize(("modbus", "words"), [
+    ("{host: 0.0.0.0}", "host 0.0.0.0 listens beyond this machine: set allowed_clients"),
+    ("{host: 10.1.2.3}", "host 10.1.2.3 listens beyond this machine"),
+    ("{host: plc-nic.plant}", "host plc-nic.plant listens beyond this machine"),
+    ("{host: 0.0.0.0, allowed_clients: [10.1.2.3/24]}", "10.1.2.3/24 has host bits set"),
+    ("{allowed_clients: []}", "at least 1 item"),
+    ("{allowed_clients: [plc-1]}", "'plc-1' does not appear to be an IPv4 or IPv6 network"),
+    ("{unit_id: 0}", "greater than or equal to 1"),
+])
+def test_modbus_clients_must_be_listed_when_it_listens_beyond_loopback(tmp_path: Path, modbus: str,
+                                                                       words: str) -> None:
+    with pytest.raises(UserError, match=re.escape(words)) as refused:
+        load_config(write(tmp_path, GOOD + f"modbus: {modbus}\n"))
+    assert "modbus" in str(refused.value)
+
+
+def test_modbus_defaults_to_this_machine_and_takes_networks(tmp_path: Path) -> None:
+    local = load_config(write(tmp_path, GOOD + "modbus: {enabled: true}\n")).modbus
+    plant = load_config(write(tmp_path, GOOD + "modbus: {host: 0.0.0.0, allowed_clients: [10.1.2.3, fd00::/64]}\n"))
+    off = load_config(write(tmp_path, GOOD + "modbus: {enabled: false, host: 0.0.0.0}\n"))
+    assert [str(n) for n in local.allowed_clients] == ["127.0.0.1/32", "::1/128"]
+    assert [str(n) for n in plant.modbus.allowed_clients] == ["10.1.2.3/32", "fd00::/64"]
+    assert local.allow_control and local.max_connections_per_client == 4
+    assert not off.modbus.enabled  # nothing listens, nothing to list

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
@@ -20,30 +21,32 @@ from appliance.plc import log_once, modbus_wire
 from appliance.plc.modbus_wire import ModbusTcpServer
 
 LOGGER = "appliance.plc.modbus_wire"
+ALLOWED = [ip_network("127.0.0.1"), ip_network("10.0.0.0/24")]
 
 
 class Bank:
     def read(self, table: str, address: int, count: int) -> list[int]:
         return [0] * count
 
-    def write(self, table: str, address: int, values: list[int]) -> None:
+    def write(self, table: str, address: int, values: list[int], peer: str) -> None:
         pass
 
 
 def server(counted: list[str] | None = None, max_connections: int = 1) -> ModbusTcpServer:
-    return ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, max_connections=max_connections,
+    return ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, allowed_clients=ALLOWED,
+                           max_connections=max_connections, max_connections_per_client=max_connections,
                            idle_timeout_s=60, refused=None if counted is None else counted.append)
 
 
 class Client:
     """All that ``accept`` looks at in a connection."""
 
-    def __init__(self, port: int) -> None:
-        self.peer = f"10.0.0.7:{port}"
+    def __init__(self, port: int, host: str = "10.0.0.7") -> None:
+        self.host, self.peer = host, f"{host}:{port}"
 
 
-def client(port: int) -> Any:
-    return Client(port)
+def client(port: int, host: str = "10.0.0.7") -> Any:
+    return Client(port, host)
 
 
 def later(monkeypatch: pytest.MonkeyPatch, minutes: int) -> None:
@@ -90,7 +93,8 @@ def test_a_refusal_burst_logs_one_warning_and_counts_every_refusal(caplog: pytes
 
 async def test_refused_sockets_are_reset_logged_once_and_in_prometheus(caplog: pytest.LogCaptureFixture) -> None:
     metrics = LineMetrics()
-    srv = ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, max_connections=1, idle_timeout_s=60,
+    srv = ModbusTcpServer(Bank(), host="127.0.0.1", port=0, unit_id=1, allowed_clients=ALLOWED, max_connections=1,
+                          max_connections_per_client=1, idle_timeout_s=60,
                           refused=lambda reason: metrics.modbus_refused.labels(reason).inc())
     await srv.start()
     try:
@@ -111,3 +115,27 @@ async def test_refused_sockets_are_reset_logged_once_and_in_prometheus(caplog: p
         first.close()
     finally:
         await srv.stop()
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("127.0.0.1", True), ("10.0.0.200", True), ("::ffff:10.0.0.9", True),  # IPv4-mapped, from a dual-stack socket
+    ("10.0.1.1", False), ("::1", False), ("fe80::1%eth0", False), ("not-an-address", False),
+])
+def test_allowed_clients_match_addresses_and_networks(host: str, allowed: bool) -> None:
+    assert server().allows(host) is allowed
+
+
+def test_a_stranger_is_refused_before_the_limits_and_logged_once_per_address(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    counted: list[str] = []
+    srv = server(counted, max_connections=1)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        for port in range(1, 6):
+            assert not srv.accept(client(port, "192.0.2.1"))
+        assert not srv.accept(client(9, "192.0.2.2"))
+        assert srv.accept(client(10))  # the PLC still has its slot
+        later(monkeypatch, 2)
+        assert not srv.accept(client(11, "192.0.2.1"))  # back after a quiet spell: said again
+    warnings = [r.getMessage().split(":", 2)[1].strip() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["connection from 192.0.2.1", "connection from 192.0.2.2", "connection from 192.0.2.1"]
+    assert counted == ["not_allowed"] * 7 and len(srv.connections) == 1

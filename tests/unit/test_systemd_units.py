@@ -46,3 +46,33 @@ def test_daemon_unit_is_notify_with_watchdog_and_limits() -> None:
         assert line in text
     retrain = (REPO / "systemd" / "appliance-retrain.service").read_text()
     assert "Nice=10" in retrain and "IOSchedulingClass=idle" in retrain
+
+
+def test_daemon_unit_lets_only_this_machine_in_and_the_drop_ins_verify(tmp_path: Path) -> None:
+    """IPAddressDeny=any + IPAddressAllow=localhost; the example drop-in and the one
+    `appliance systemd-network` prints for a plant config load without a complaint."""
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from tests.unit.test_config import GOOD
+
+    text = (REPO / "systemd" / "appliance.service").read_text()
+    assert "\nIPAddressDeny=any\n" in text and "\nIPAddressAllow=localhost\n" in text
+    config = tmp_path / "line.yaml"
+    config.write_text(GOOD + "opcua: {enabled: true, host: 0.0.0.0}\n"
+                             "modbus: {host: 0.0.0.0, allowed_clients: [127.0.0.1, 10.20.0.15, fd00:1::/64]}\n")
+    printed = CliRunner().invoke(app, ["systemd-network", str(config)])
+    assert printed.exit_code == 0, printed.output
+    assert [line for line in printed.output.splitlines() if not line.startswith("#")] == [
+        "[Service]", "IPAddressAllow=10.20.0.15/32", "IPAddressAllow=fd00:1::/64"]
+    assert "# opcua.host is 0.0.0.0: add IPAddressAllow= for the OPC UA clients" in printed.output
+
+    unit = tmp_path / "appliance.service"
+    unit.write_text(text.replace("/opt/appliance", str(REPO)))
+    (tmp_path / "appliance.service.d").mkdir()
+    for name, drop_in in (("generated.conf", printed.output),
+                          ("example.conf", (REPO / "systemd" / "appliance.service.d" /
+                                            "plant-network.conf.example").read_text())):
+        (tmp_path / "appliance.service.d" / name).write_text(drop_in)
+    done = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and ".conf" not in done.stdout + done.stderr, done.stdout + done.stderr
