@@ -45,3 +45,29 @@ class Persistent:
         if self.active and (self.quiet_s is None or self._quiet(clock())):
             self.log.info(msg, *args)
             self.active = False
+
+
+class PerPeer:
+    """A :class:`Persistent` condition per peer host, each ending after ``quiet_s`` without a failure.
+
+    A host's first failure is logged at ``level``, its repeats at debug while they go on.  At most
+    ``tracked`` hosts are remembered; failures of further hosts go to debug, so a scan from many
+    addresses cannot grow the table nor flood the log.
+    """
+
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING, *, quiet_s: float,
+                 tracked: int = 16) -> None:
+        self.log, self.level, self.quiet_s, self.tracked = logger, level, quiet_s, tracked
+        self._hosts: dict[str, Persistent] = {}
+
+    def fail(self, host: str, msg: str, *args: Any) -> None:
+        now = clock()
+        for other, condition in list(self._hosts.items()):
+            if now - condition.last_failed >= self.quiet_s:
+                del self._hosts[other]
+        if host not in self._hosts:
+            if len(self._hosts) >= self.tracked:
+                self.log.debug(msg, *args)
+                return
+            self._hosts[host] = Persistent(self.log, self.level, quiet_s=self.quiet_s)
+        self._hosts[host].fail(msg, *args)
