@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.config import OpcUaConfig, OpcUaUser
 from appliance.errors import UserError
+from appliance.plc import opcua_pki
 from appliance.plc.opcua_pki import Pki, thumbprint
 from appliance.plc.opcua_security import (
     OPERATOR,
@@ -217,3 +218,27 @@ def test_pem_certificates_in_trusted_count_and_expired_ones_are_refused(tmp_path
     with pytest.raises(ServiceError) as refused:
         asyncio.run(pki.validate(expired, _app()))
     assert refused.value.code == ua.StatusCodes.BadCertificateTimeInvalid
+
+
+def test_rejected_certificates_are_capped_by_count_and_age_oldest_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(opcua_pki, "REJECTED_MAX", 3)
+    pki = Pki(tmp_path / "pki")
+    pki.ensure_server_certificate("urn:host:appliance", ["localhost"])
+    now = datetime.now(UTC).timestamp()
+
+    def refuse(cert: x509.Certificate, age_days: float) -> Path:
+        with pytest.raises(ServiceError):
+            pki.check(cert, _app())
+        (path,) = [p for p in pki.rejected.iterdir() if thumbprint(cert) in p.name]
+        os.utime(path, (now - age_days * 86400,) * 2)
+        return path
+
+    ancient = refuse(_client_cert(), 40)  # older than REJECTED_MAX_AGE: goes at the next refusal
+    first, second = refuse(_client_cert(), 3), refuse(_client_cert(), 2)
+    third = refuse(_client_cert(), 1)
+    assert not ancient.exists() and {first, second, third} == set(pki.rejected.iterdir())
+    with pytest.raises(ServiceError):  # the first client tries again: it is the youngest now
+        pki.check(x509.load_der_x509_certificate(first.read_bytes()), _app())
+    newest = refuse(_client_cert(), 0)
+    assert set(pki.rejected.iterdir()) == {first, third, newest}  # the oldest went, three are kept
