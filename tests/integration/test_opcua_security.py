@@ -141,6 +141,8 @@ async def _legitimate(port: int, plc: Identity, server_cert: Path, daemon: Daemo
         await trigger.write_value(ua.Variant(True, ua.VariantType.Boolean))
         await daemon.wait_for_results(1, timeout=10)
         out["stored_part_id"] = daemon.latest.part_id if daemon.latest else None
+        out["trigger_mode"] = [await _status(auto.call_method(ua.NodeId(f"{auto_path}.{name}", app), *args))
+                               for name, args in (("StartContinuous", null), ("Stop", []))]
 
         rm = client.get_node(ua.NodeId(RM, app))
         method = ua.NodeId(f"{RM}.GetResultListFiltered", app)
@@ -239,6 +241,7 @@ def test_the_trusted_plc_still_writes_its_inputs(run: dict[str, Any]) -> None:
     legit = run["legitimate"]
     assert (legit["part_id"], legit["batch"]) == ("SN-0001", "LOT-7")
     assert legit["stored_part_id"] == "SN-0001"
+    assert legit["trigger_mode"] == ["Good", "Good"]
 
 
 def test_part_text_outside_the_safe_set_is_refused_and_counted(run: dict[str, Any]) -> None:
@@ -274,3 +277,5 @@ def test_sessions_refusals_and_input_writes_are_audited(run: dict[str, Any]) -> 
     assert writes["Batch"] == {"writes": 1, "last": "LOT-7"}
     assert writes["Trigger"]["last"] is True
     assert {r["user"] for r in audit if r["action"] == "plc.input"} == {OPERATOR}
+    modes = sorted((r["at"], r["target"], r["user"]) for r in audit if r["action"] == "line.trigger_mode")
+    assert [(target, user) for _, target, user in modes] == [("continuous", OPERATOR), ("triggered", OPERATOR)]
