@@ -49,6 +49,7 @@ class AuditTrail:
         self._max_pending = max_pending
         self._writes: dict[tuple[str, str, str], _Writes] = {}
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # a flush returns once what was queued before it is written
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,6 +89,10 @@ class AuditTrail:
 
     def flush(self) -> None:
         """Write the queued rows now, in one transaction (kept queued if the store refuses them)."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             rows = list(self._rows)
             self._rows.clear()

@@ -46,6 +46,10 @@ class LineMetrics:
             "appliance_opcua_service_faults", "OPC UA requests answered with a service fault (status: the "
             "OPC UA status name, e.g. BadNodeIdUnknown, BadUserAccessDenied, BadSessionIdInvalid)", ["status"],
             registry=r)
+        self.plc_inputs_refused = Counter(
+            "appliance_plc_inputs_refused", "Part ids and batches a PLC wrote that were refused (outside the safe "
+            "character set or too long; protocol: opcua/modbus, input: the input or method argument)",
+            ["protocol", "input"], registry=r)
         self.modbus_refused = Counter(
             "appliance_modbus_refused_connections", "Modbus TCP connections refused by the server (reason: "
             "not_allowed, max_connections, per_client_limit)", ["reason"], registry=r)

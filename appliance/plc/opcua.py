@@ -48,6 +48,8 @@ VISION_STATES = {"preoperational": "Preoperational", "operational": "Operational
                  "error": "Error"}
 EVENT_SEVERITY = {"pass": 100, "hold": 400, "rework": 500, "reject": 700}
 
+GENERATED_LOGIN = "credentials/opcua-operator"
+"""Where the generated operator password is kept (relative to state_dir) when no users are configured."""
 NEVER = datetime(1601, 1, 1, tzinfo=UTC)
 """OPC UA's minimum DateTime, the value of a time that has not happened yet."""
 _S, _U16, _D = ua.VariantType.String, ua.VariantType.UInt16, ua.VariantType.Double
@@ -147,14 +149,17 @@ class OpcUaEndpoint:
     async def _start(self) -> None:
         cfg, daemon = self.config, self.daemon
         self.faults.install()
-        accounts, generated = load_accounts(cfg)
+        accounts, generated = load_accounts(cfg, generated_file=daemon.config.state_dir / GENERATED_LOGIN)
         uri = application_uri()
         try:
             await asyncio.to_thread(self.pki.ensure_server_certificate, uri, default_hostnames(cfg.host))
         except (OSError, ValueError) as exc:
             raise UserError(f"OPC UA: cannot prepare the server certificate in {self.pki.root}: "
                             f"{exc}") from exc
-        iserver = SecureInternalServer(AccountManager(accounts, allow_anonymous=cfg.insecure_commissioning))
+        audit = daemon.audit_trail
+        iserver = SecureInternalServer(
+            AccountManager(accounts, allow_anonymous=cfg.insecure_commissioning), trust=self.pki.check,
+            audit=lambda user, action, peer, detail: audit.record(user, "opcua", action, peer, detail))
         iserver.allow_unsecured_sessions = cfg.insecure_commissioning
         iserver.max_connections = cfg.max_connections
         iserver.max_pending_activation_seconds = cfg.activation_timeout_s
@@ -193,10 +198,10 @@ class OpcUaEndpoint:
                         "may travel unprotected. Set opcua.insecure_commissioning: false for production.",
                         self.url)
         if generated is not None:
-            log.warning("OPC UA: no users configured, so this run generated one operator login — "
-                        "user %r, password %r — shown only now and kept only in memory. Set "
-                        "APPLIANCE_OPCUA_USER/APPLIANCE_OPCUA_PASSWORD or opcua.users for a stable login.",
-                        generated.name, generated.password)
+            log.warning("OPC UA: no users configured, so one operator login was generated — user %r, its "
+                        "password is in %s (readable by this service's user only; kept across restarts). "
+                        "Configure opcua.users (or APPLIANCE_OPCUA_USER/APPLIANCE_OPCUA_PASSWORD) instead.",
+                        generated.name, daemon.config.state_dir / GENERATED_LOGIN)
 
     async def _bind(self, server: Server, model: LoadedModel) -> None:
         """Connect the loaded model's nodes to the line: methods, inputs, values, the event."""
@@ -229,7 +234,7 @@ class OpcUaEndpoint:
             node(f"{inputs}.ProcessValueNames"): control.write_value_names,
             node(f"{inputs}.ProcessValues"): control.write_values,
             node(f"{inputs}.Trigger"): control.write_trigger,
-        })
+        }, audit=lambda who, name, value: daemon.audit_trail.input_write("opcua", who, name, value))
         self._latest = [node(f"VisionSystem.LatestResult.{name}") for name, _, _ in LATEST]
         versions = await asyncio.to_thread(lambda: [c.version for c in daemon.registry.versions()])
         empty = model.new("DefectResultDataType", AcquiredAt=NEVER)

@@ -2,7 +2,10 @@
 
 Everything here is for the operator role; a reader gets BadUserAccessDenied.  Failures become
 status codes at the wire (BadInvalidState while halted or free-running, BadTypeMismatch for a
-wrong argument), never exceptions in the server.
+wrong argument, BadOutOfRange for a part id or batch outside the safe character set of
+:mod:`appliance.part_text`, counted in ``appliance_plc_inputs_refused_total``), never exceptions
+in the server.  Every input written and every trigger-mode change goes to the audit trail with
+the OPC UA user who did it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from asyncua.server.address_space import AttributeService
 from ulid import ULID
 
 from appliance.camera.base import TriggerNotSupported
+from appliance.part_text import MAX_PART_TEXT, UnsafeText, check_part_text, loggable
 from appliance.plc.opcua_security import caller, may_operate
 from appliance.result import PartResult
 
@@ -29,8 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT = 128
-"""Longest part id / batch accepted from a PLC."""
+MAX_TEXT = MAX_PART_TEXT
+"""Longest id accepted in a method argument or an input."""
 JOB_MEMORY = 4096
 """Results whose job id is remembered (GetResultListFiltered by jobId, GetResultById)."""
 
@@ -115,17 +119,20 @@ class Jobs:
                       job.job_id, fut.result().result_id)
 
 
-def text_id(value: Any, what: str) -> str:
+def _text(value: Any, what: str) -> str:
     """A String or an OPC 40100 Id structure (…IdDataType) as text; empty when null."""
     if value is None or (isinstance(value, ua.ExtensionObject) and not value.Body):
         return ""  # a null structure
     if isinstance(value, str):
-        text = value
-    elif hasattr(value, "Id"):
-        text = value.Id or ""
-    else:
-        raise ArgumentError(Bad.BadTypeMismatch, f"{what}: expected a String or an Id structure")
-    text = text.strip()
+        return value
+    if hasattr(value, "Id") and isinstance(value.Id or "", str):
+        return value.Id or ""
+    raise ArgumentError(Bad.BadTypeMismatch, f"{what}: expected a String or an Id structure")
+
+
+def text_id(value: Any, what: str) -> str:
+    """:func:`_text`, trimmed and at most :data:`MAX_TEXT` characters (filters, ids)."""
+    text = _text(value, what).strip()
     if len(text) > MAX_TEXT:
         raise ArgumentError(Bad.BadOutOfRange, f"{what}: longer than {MAX_TEXT} characters")
     return text
@@ -134,6 +141,8 @@ def text_id(value: Any, what: str) -> str:
 def process_values(items: list[Any] | None, names: list[str]) -> dict[str, float]:
     """Numbers (named by ``names``, else pv1, pv2, …) or KeyValuePairs, as a name → value dict."""
     out: dict[str, float] = {}
+    if items is not None and not isinstance(items, list):
+        raise ArgumentError(Bad.BadTypeMismatch, "process values: expected an array")
     for i, item in enumerate(items or []):
         value = item.Value if isinstance(item, ua.Variant) else item
         if isinstance(value, ua.KeyValuePair):
@@ -172,13 +181,14 @@ class LineControl:
             self._require_operator()
             meas, part, recipe, product, params = (list(args) + [ua.Variant()] * 5)[:5]
             text_id(meas.Value, "measId")
-            part_id = text_id(part.Value, "partId")
+            part_id = self._part_text(part.Value, "StartSingleJob.partId")
             self._no_recipe(recipe.Value, product.Value)
             values = process_values(params.Value, self.process_value_names)
             job_id = await self.trigger(part_id or None, values)
         except ArgumentError as exc:
             log.info("StartSingleJob refused: %s", exc)
             return status(exc.code)
+        self.daemon.audit_trail.input_write("opcua", _who(), "StartSingleJob", part_id)
         return [ua.Variant(self._job_id(job_id), ua.VariantType.ExtensionObject), *_error_out()]
 
     async def start_continuous(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
@@ -186,12 +196,14 @@ class LineControl:
             self._require_operator()
             _meas, part, recipe, product, params = (list(args) + [ua.Variant()] * 5)[:5]
             self._no_recipe(recipe.Value, product.Value)
-            part_id = text_id(part.Value, "partId")
+            part_id = self._part_text(part.Value, "StartContinuous.partId")
             values = process_values(params.Value, self.process_value_names)
             await self._set_continuous(True)
         except ArgumentError as exc:
             log.info("StartContinuous refused: %s", exc)
             return status(exc.code)
+        self.daemon.audit_trail.record(_who(), "opcua", "line.trigger_mode", "continuous",
+                                       {"part_id": part_id, "process_values": values})
         if part_id:
             self.daemon.context.part_id = part_id
         if values:
@@ -207,6 +219,7 @@ class LineControl:
             await self._set_continuous(False)
         except ArgumentError as exc:
             return status(exc.code)
+        self.daemon.audit_trail.record(_who(), "opcua", "line.trigger_mode", "triggered")
         await self._changed()
         return _error_out()
 
@@ -269,6 +282,14 @@ class LineControl:
             raise ArgumentError(Bad.BadNotSupported, str(exc)) from exc
         self.continuous = on
 
+    def _part_text(self, value: Any, what: str) -> str:
+        """A part id or batch: text in the safe character set, or BadOutOfRange (counted)."""
+        try:
+            return check_part_text(_text(value, what), what)
+        except UnsafeText as exc:
+            self.daemon.metrics.plc_inputs_refused.labels("opcua", what).inc()
+            raise ArgumentError(Bad.BadOutOfRange, str(exc)) from None
+
     @staticmethod
     def _require_operator() -> None:
         if not may_operate(caller()):
@@ -282,12 +303,12 @@ class LineControl:
 
     # -- inputs (values written by the PLC) --------------------------------------------------------
     async def write_part_id(self, value: Any) -> Any:
-        text = text_id(value, "PartId")
+        text = self._part_text(value, "PartId")
         self.daemon.context.part_id = text or None
         return text  # the variable shows the part id in use (trimmed)
 
     async def write_batch(self, value: Any) -> Any:
-        text = text_id(value, "Batch")
+        text = self._part_text(value, "Batch")
         self.daemon.context.batch = text or None
         return text
 
@@ -309,7 +330,15 @@ class LineControl:
         return False  # written back at once: the PLC sees its trigger taken
 
 
+def _who() -> str:
+    """The OPC UA user calling a method (for the audit trail)."""
+    user = caller()
+    return (user.name if user is not None else None) or ""
+
+
 InputHandler = Callable[[Any], Awaitable[Any]]
+InputAudit = Callable[[str, str, Any], None]
+"""Records one input write: (OPC UA user, input name, value stored)."""
 
 
 class InputWriteService(AttributeService):
@@ -317,12 +346,13 @@ class InputWriteService(AttributeService):
 
     asyncua checks only the nodes' access levels, which are the same for every user; here a reader
     gets BadUserAccessDenied for any write, and an input's handler validates and applies the value
-    before it is stored (its status code goes back to the PLC).
+    before it is stored (its status code goes back to the PLC); each input stored is audited.
     """
 
-    def __init__(self, aspace: Any, inputs: dict[ua.NodeId, InputHandler]) -> None:
+    def __init__(self, aspace: Any, inputs: dict[ua.NodeId, InputHandler], audit: InputAudit) -> None:
         super().__init__(aspace)
         self.inputs = inputs
+        self.audit = audit
 
     async def write(self, params: ua.WriteParameters,
                     user: User = User(role=UserRole.Admin)) -> list[ua.StatusCode]:  # noqa: B008
@@ -338,20 +368,22 @@ class InputWriteService(AttributeService):
             elif item.IndexRange:
                 results.append(status(Bad.BadWriteNotSupported))
             else:
-                results.append(await self._write_input(item, handler))
+                results.append(await self._write_input(item, handler, user.name or ""))
         return results
 
-    async def _write_input(self, item: ua.WriteValue, handler: InputHandler) -> ua.StatusCode:
+    async def _write_input(self, item: ua.WriteValue, handler: InputHandler, who: str) -> ua.StatusCode:
         variant = item.Value.Value if item.Value is not None else None
         current = self._aspace.read_attribute_value(item.NodeId, ua.AttributeIds.Value).Value
         if (variant is None or current is None or variant.VariantType != current.VariantType
                 or variant.is_array != current.is_array):
             return status(Bad.BadTypeMismatch)
+        name = str(item.NodeId.Identifier).rsplit(".", 1)[-1]
         try:
             stored = await handler(variant.Value)
         except ArgumentError as exc:
-            log.info("OPC UA input %s refused: %s", item.NodeId.Identifier, exc)
+            log.info("OPC UA input %s from user %s refused: %s", name, loggable(who), exc)
             return status(exc.code)
+        self.audit(who, name, variant.Value)
         return await self._aspace.write_attribute_value(
             item.NodeId, ua.AttributeIds.Value,
             ua.DataValue(ua.Variant(stored, variant.VariantType, is_array=variant.is_array)))

@@ -11,6 +11,10 @@ A client whose certificate is not in ``trusted/`` is refused (BadCertificateUntr
 certificate is written to ``rejected/``; an administrator trusts it by moving that file into
 ``trusted/``.  The trust list is re-read on every session, so no restart is needed.  Trust is
 direct: the client's own certificate must be in ``trusted/`` (self-signed or CA-issued alike).
+
+``rejected/`` keeps at most :data:`REJECTED_MAX` certificates, none older than
+:data:`REJECTED_MAX_AGE` (the oldest go first; a client that tries again is young again), so
+clients that keep making new certificates cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ log = logging.getLogger(__name__)
 
 CERT_DAYS = 5 * 365
 RENEW_BEFORE = timedelta(days=30)
+REJECTED_MAX = 200
+"""Most certificates kept in ``rejected/``."""
+REJECTED_MAX_AGE = timedelta(days=30)
+"""A rejected certificate nobody tried again for this long is deleted."""
 
 
 def thumbprint(cert: x509.Certificate) -> str:
@@ -59,6 +67,7 @@ class Pki:
         """
         for folder in (self.trusted, self.rejected, self.cert_path.parent):
             folder.mkdir(parents=True, exist_ok=True)
+        self.prune_rejected()
         self.key_path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.key_path.parent, 0o700)
         had_certificate = self.cert_path.is_file()  # clients may trust it: replacing it is news
@@ -126,7 +135,11 @@ class Pki:
         return found
 
     async def validate(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
-        """asyncua certificate validator: raise a ServiceError unless ``cert`` may connect."""
+        """asyncua certificate validator (CreateSession's client certificate): see :meth:`check`."""
+        self.check(cert, app)
+
+    def check(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        """Raise a ServiceError unless ``cert`` may connect for the application ``app``."""
         now = datetime.now(UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise ServiceError(ua.StatusCodes.BadCertificateTimeInvalid)
@@ -147,14 +160,32 @@ class Pki:
         common = str(names[0].value) if names else (app.ApplicationUri or "client")
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", common)[:60]
         path = self.rejected / f"{safe}[{thumbprint(cert)}].der"
-        if path.exists():
-            return path, False
         try:
+            if path.exists():
+                os.utime(path)  # tried again: kept the longest
+                return path, False
             self.rejected.mkdir(parents=True, exist_ok=True)
             path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
         except OSError as exc:
             log.error("cannot write rejected certificate %s: %s", path, exc)
+        self.prune_rejected()
         return path, True
+
+    def prune_rejected(self) -> None:
+        """Delete rejected certificates beyond :data:`REJECTED_MAX` or older than :data:`REJECTED_MAX_AGE`,
+        oldest first."""
+        try:
+            entries = sorted(((p.stat().st_mtime, p) for p in self.rejected.glob("*.der")), reverse=True)
+        except OSError:  # a file went away while listed (an administrator moved it): next time
+            return
+        oldest = datetime.now(UTC).timestamp() - REJECTED_MAX_AGE.total_seconds()
+        stale = [p for i, (mtime, p) in enumerate(entries) if i >= REJECTED_MAX or mtime < oldest]
+        for path in stale:
+            with contextlib.suppress(OSError):  # gone already, or not ours to delete: next time
+                path.unlink()
+        if stale:
+            log.info("OPC UA: deleted %d old rejected certificate(s) from %s (at most %d are kept, none older "
+                     "than %d days)", len(stale), self.rejected, REJECTED_MAX, REJECTED_MAX_AGE.days)
 
 
 def default_hostnames(listen_host: str) -> list[str]:

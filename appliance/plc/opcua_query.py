@@ -1,7 +1,8 @@
 """ResultManagement (OPC 40100-1 7.10): stored results for any logged-in user.
 
 Recently published results are answered from memory (they may not have reached DuckDB yet);
-older ones from the store, in a worker thread since DuckDB calls block.
+older ones from the store, in a worker thread since DuckDB calls block.  Arguments are checked
+before anything runs: a wrong type gets BadTypeMismatch, a count outside UInt32 BadOutOfRange.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ RECENT = 1024
 """Published results kept in memory for GetResultById."""
 MAX_LIST = 1000
 """Most results one GetResultListFiltered call returns."""
+UINT32_MAX = 0xFFFF_FFFF
 UNKNOWN_JOB = "unrecorded"
 """JobId of results published before this start (job ids are not stored)."""
 
@@ -71,10 +73,9 @@ class ResultQueries:
         values = [a.Value for a in args] + [None] * (12 - len(args))
         state, meas, part, ext_recipe, int_recipe, ext_conf, int_conf, product, job = values[:9]
         try:
-            state, max_results, start_index = int(state or 0), int(values[9] or 0), int(values[10] or 0)
-        except (TypeError, ValueError):
-            return status(Bad.BadTypeMismatch)
-        try:
+            state = _integer(state, "resultState", -(2 ** 31), 2 ** 31 - 1)
+            max_results = _integer(values[9], "maxResults", 0, UINT32_MAX)
+            start_index = _integer(values[10], "startIndex", 0, UINT32_MAX)
             unsupported = [name for name, v in (("measId", meas), ("externalRecipeId", ext_recipe),
                                                 ("externalConfigurationId", ext_conf),
                                                 ("internalConfigurationId", int_conf),
@@ -83,6 +84,7 @@ class ResultQueries:
             recipe = text_id(int_recipe, "internalRecipeId")
             job_id = text_id(job, "jobId")
         except ArgumentError as exc:
+            log.info("GetResultListFiltered refused: %s", exc)
             return status(exc.code)
         if unsupported:
             log.info("GetResultListFiltered: unsupported filters %s", unsupported)
@@ -114,3 +116,14 @@ class ResultQueries:
 
     async def release_result_handle(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
         return [ua.Variant(0, ua.VariantType.Int32)]
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    """An integer argument (null: 0) between ``low`` and ``high``."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentError(Bad.BadTypeMismatch, f"{what}: expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ArgumentError(Bad.BadOutOfRange, f"{what}: {value} is outside {low}..{high}")
+    return value

@@ -12,6 +12,15 @@ closes both:
   which make the calling user available to method handlers (:func:`caller`) — asyncua passes the
   user to writes but not to method calls.
 
+Certificate binding.  asyncua 2.1.0 checks the client certificate sent in CreateSession against
+the trust list, and only when one is sent; it never checks the certificate that secured the
+channel, although that is the key the client proves it holds (the channel's signatures and
+ActivateSession's ClientSignature).  So a client with an untrusted key pair could send a trusted
+client's public certificate, or none, and log in.  :meth:`SecureSession.activate_session` checks
+the channel's certificate against the trust list and requires CreateSession's certificate to be
+present and byte-identical to it (OPC 10000-4 §5.6.2); refusals are logged once per peer host
+and audited, as are activated sessions.
+
 Roles: ``reader`` may browse, read, subscribe and query results; ``operator`` may also call the
 control methods and write the PLC inputs.  Certificates live in :mod:`appliance.plc.opcua_pki`.
 """
@@ -23,7 +32,7 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +43,14 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 from asyncua.server.user_managers import UserManager
+from cryptography import x509
 
+from appliance.auth import write_private
 from appliance.config import OpcUaConfig
 from appliance.errors import UserError
+from appliance.part_text import loggable
+from appliance.plc.log_once import PerHost
+from appliance.plc.opcua_transport import QUIET_S, current_channel
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +74,13 @@ class ApplianceUser(User):
 
 
 def load_accounts(config: OpcUaConfig, environ: Mapping[str, str] | None = None,
-                  credentials_dir: Path | None = None) -> tuple[list[Account], Account | None]:
+                  credentials_dir: Path | None = None, *,
+                  generated_file: Path) -> tuple[list[Account], Account | None]:
     """The configured users with their secrets, plus the demo user from the environment.
 
-    Returns ``(accounts, generated)``: when nobody is configured at all, one operator with a random
-    password is generated (``generated``), for the caller to announce once.  It lives in memory
-    only, so no file ever holds it and each start prints a new one; set
-    APPLIANCE_OPCUA_USER/APPLIANCE_OPCUA_PASSWORD (or configure users) for a stable login.
+    Returns ``(accounts, generated)``: when nobody is configured at all, one operator login is
+    generated (``generated``) with a random password kept in ``generated_file`` (0600, in a 0700
+    folder) and reused by later starts.  No log line ever holds it: the caller says where it is.
     """
     env = os.environ if environ is None else environ
     if credentials_dir is None and env.get("CREDENTIALS_DIRECTORY"):
@@ -94,9 +108,24 @@ def load_accounts(config: OpcUaConfig, environ: Mapping[str, str] | None = None,
         raise UserError(f"opcua.users: user name(s) defined twice: {', '.join(duplicates)}")
     generated = None
     if not accounts:
-        generated = Account(GENERATED_USER, OPERATOR, secrets.token_urlsafe(12))
+        generated = Account(GENERATED_USER, OPERATOR, _generated_password(generated_file))
         accounts.append(generated)
     return accounts, generated
+
+
+def _generated_password(path: Path) -> str:
+    """The generated operator's password from ``path``, made there (0600 in a 0700 folder) if missing."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        if path.is_file() and (password := path.read_text(encoding="utf-8").strip()):
+            return password
+        password = secrets.token_urlsafe(16)
+        write_private(path, password.encode())
+    except OSError as exc:
+        raise UserError(f"OPC UA: no users configured and the generated operator password cannot be kept "
+                        f"in {path}: {exc.strerror or exc}") from exc
+    return password
 
 
 def _read_credential(where: str, credentials_dir: Path | None, name: str) -> str:
@@ -154,19 +183,71 @@ def may_operate(user: User | None) -> bool:
     return isinstance(user, ApplianceUser) and user.access == OPERATOR
 
 
+TrustCheck = Callable[[x509.Certificate, ua.ApplicationDescription], None]
+"""Raises a ServiceError unless the certificate may connect for the application (Pki.check)."""
+SessionAudit = Callable[[str, str, str, dict[str, Any]], None]
+"""Records (user, action, peer, detail): ``opcua.session`` or ``opcua.session.refused``."""
+
+
+def _token_user(token: Any) -> str:
+    """The user name an ActivateSession asks for (for the audit of a refusal)."""
+    if isinstance(token, ua.UserNameIdentityToken):
+        return loggable(token.UserName or "")
+    return "anonymous"
+
+
 class SecureSession(InternalSession):
-    """A session that activates only on a secured channel and tells handlers who calls."""
+    """A session bound to its secure channel's trusted certificate; tells handlers who calls."""
 
     iserver: SecureInternalServer
+    client_certificate = b""
+    """The ClientCertificate of CreateSession, which must be the channel's."""
+    client_description: ua.ApplicationDescription | None = None
+
+    async def create_session(self, params: ua.CreateSessionParameters,
+                             sockname: tuple[str, int] | None = None) -> ua.CreateSessionResult:
+        self.client_certificate = params.ClientCertificate or b""
+        self.client_description = params.ClientDescription
+        return await super().create_session(params, sockname)
 
     def activate_session(self, params: ua.ActivateSessionParameters,
                          peer_certificate: bytes | None) -> ua.ActivateSessionResult:
-        # every Sign/SignAndEncrypt channel carries the client's certificate; a None channel has none
-        if not peer_certificate and not self.iserver.allow_unsecured_sessions:
-            log.warning("OPC UA session refused: the client did not secure its channel "
-                        "(only SignAndEncrypt endpoints are offered)")
+        channel = current_channel()
+        if channel is None:  # only a GuardedProtocol tells which channel this is (tests/unit canary)
+            log.error("OPC UA session refused: activation outside the appliance's transport")
+            raise ServiceError(ua.StatusCodes.BadInternalError)
+        on = {"policy": channel.policy_uri, "mode": channel.mode}
+        try:
+            self._check_channel(peer_certificate or b"", channel.peer)
+            result = super().activate_session(params, peer_certificate)
+        except (ServiceError, ua.UaStatusCodeError) as exc:
+            self.iserver.audit(_token_user(params.UserIdentityToken), "opcua.session.refused", channel.peer,
+                               {"status": ua.StatusCode(ua.UInt32(exc.code)).name, **on})
+            raise
+        self.iserver.audit(self.user.name or "", "opcua.session", channel.peer,
+                           {**on, "access": getattr(self.user, "access", None),
+                            "application": loggable((self.client_description or ua.ApplicationDescription())
+                                                    .ApplicationUri or "")})
+        return result
+
+    def _check_channel(self, certificate: bytes, peer: str) -> None:
+        """The channel's certificate is trusted and is the one CreateSession sent; or a None channel
+        where commissioning allows it."""
+        host = peer.rsplit(":", 1)[0]
+        if not certificate:  # every Sign/SignAndEncrypt channel carries the client's certificate
+            if self.iserver.allow_unsecured_sessions:
+                return
+            self.iserver.refusals.event(host, "OPC UA session from %s refused: the client did not secure its "
+                                             "channel (only SignAndEncrypt endpoints are offered)", peer)
             raise ServiceError(ua.StatusCodes.BadSecurityModeRejected)
-        return super().activate_session(params, peer_certificate)
+        self.iserver.trust(x509.load_der_x509_certificate(certificate),
+                           self.client_description or ua.ApplicationDescription())  # logs once per certificate
+        if self.client_certificate != certificate:
+            self.iserver.refusals.event(
+                host, "OPC UA session from %s refused: %s (BadSecurityChecksFailed)", peer,
+                "its CreateSession carried no client certificate" if not self.client_certificate else
+                "the certificate in its CreateSession is not the one that secured its channel")
+            raise ServiceError(ua.StatusCodes.BadSecurityChecksFailed)
 
     async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
         token = _caller.set(self.user)
@@ -177,9 +258,18 @@ class SecureSession(InternalSession):
 
 
 class SecureInternalServer(InternalServer):
-    """asyncua's internal server, with :class:`SecureSession` for every client session."""
+    """asyncua's internal server, with :class:`SecureSession` for every client session.
+
+    ``trust`` checks a channel's certificate (the PKI's trust list); ``audit`` records sessions
+    activated and refused.
+    """
 
     allow_unsecured_sessions = False
+
+    def __init__(self, user_manager: UserManager, trust: TrustCheck, audit: SessionAudit) -> None:
+        super().__init__(user_manager)
+        self.trust, self.audit = trust, audit
+        self.refusals = PerHost(log, quiet_s=QUIET_S)
 
     def create_session(self, name: str, user: User = User(role=UserRole.Anonymous),  # noqa: B008
                        external: bool = False) -> InternalSession:

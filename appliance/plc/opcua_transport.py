@@ -24,15 +24,21 @@ asyncua offers no hook for its protocol factory: :class:`GuardedServer` re-state
 ``Server.start`` (five lines, asyncua 2.1.0) to create a :class:`GuardedBinaryServer`, whose
 factory makes :class:`GuardedProtocol`.  ``tests/unit/test_opcua_transport.py`` checks that the
 running server uses them, so an asyncua update that changes ``start`` shows up there.
+
+While a connection's message is processed, :func:`current_channel` tells the session layer which
+secure channel it came on (policy, mode, the certificate that secured it): asyncua hands
+``ActivateSession`` only the channel's certificate, and the audit trail wants the policy too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from asyncua import Server, ua
@@ -61,6 +67,32 @@ TRACKED_HOSTS = 16
 _HEADER = struct.Struct("<3scI")  # message type, chunk type, message size (header included)
 _SECURE = (b"OPN", b"MSG", b"CLO")
 _CHUNK_TYPES = {b"HEL": (b"F",), b"OPN": (b"F",), b"CLO": (b"F",), b"MSG": (b"F", b"C", b"A")}
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """The secure channel a request came on."""
+
+    peer: str
+    """``host:port`` of the client."""
+    policy_uri: str
+    mode: str
+    """``None``, ``Sign`` or ``SignAndEncrypt``."""
+    certificate: bytes
+    """The certificate that secured the channel (DER; empty on a None channel)."""
+
+
+_serving: contextvars.ContextVar[GuardedProtocol | None] = contextvars.ContextVar("opcua_serving", default=None)
+
+
+def current_channel() -> Channel | None:
+    """The channel of the message being processed (None outside a :class:`GuardedProtocol`)."""
+    protocol = _serving.get()
+    if protocol is None or protocol.processor is None:
+        return None
+    policy = protocol.processor._connection.security_policy  # asyncua 2.1.0: UaProcessor's SecureConnection
+    return Channel(_peer(protocol.peer_name), policy.URI, ua.MessageSecurityMode(policy.Mode).name.rstrip("_"),
+                   policy.peer_certificate or b"")
 
 
 def transport_limits() -> TransportLimits:
@@ -215,6 +247,7 @@ class GuardedProtocol(OPCUAProtocol):
         self._buffer = pending[pos:] if pos else pending
 
     async def _process_one_msg(self, header: Any, buf: Buffer) -> bool:
+        serving = _serving.set(self)
         try:
             return await super()._process_one_msg(header, buf)
         except Exception as exc:  # noqa: BLE001 - the wire boundary: a broken message costs its connection
@@ -225,6 +258,8 @@ class GuardedProtocol(OPCUAProtocol):
             self.refuse("undecodable", f"{header.MessageType.decode(errors='replace')}: "
                                        f"{type(exc).__name__}: {_text(exc)}", status, exc)
             return False
+        finally:
+            _serving.reset(serving)
 
     async def _activation_watchdog(self) -> None:
         try:

@@ -17,6 +17,7 @@ import logging
 import re
 import shutil
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -324,8 +325,8 @@ async def test_commissioning_mode_free_running_camera_and_generated_login(
         tmp_path: Path, line_config: Any, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """insecure_commissioning opens a None endpoint with anonymous read access, loudly; with no user
-    configured an operator password is generated and shown once; a free-running camera refuses
-    StartSingleJob with a Bad status until Stop."""
+    configured an operator password is generated into a private file whose place (never the
+    password) is logged; a free-running camera refuses StartSingleJob with a Bad status until Stop."""
     monkeypatch.delenv("APPLIANCE_OPCUA_USER", raising=False)
     monkeypatch.delenv("APPLIANCE_OPCUA_PASSWORD", raising=False)
     images = tmp_path / "images"
@@ -335,12 +336,15 @@ async def test_commissioning_mode_free_running_camera_and_generated_login(
                                       "replay": {"path": str(images), "rate_hz": 20, "loop": True}},
                       opcua={"enabled": True, "port": port, "insecure_commissioning": True})
     daemon = Daemon(cfg)
-    with caplog.at_level(logging.WARNING, logger="appliance.plc.opcua"):
-        await daemon.start()
+    caplog.set_level(logging.DEBUG)  # whatever anybody logs, at any level, during the whole test
+    await daemon.start()
     try:
         assert "INSECURE COMMISSIONING MODE" in caplog.text
-        found = re.search(r"user 'operator', password '([^']+)'", caplog.text)
-        assert found, caplog.text
+        kept = cfg.state_dir / "credentials" / "opcua-operator"
+        password = kept.read_text()
+        assert f"user 'operator', its password is in {kept}" in caplog.text
+        assert password not in caplog.text
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
         url = f"opc.tcp://127.0.0.1:{port}"
         async with Client(url) as anonymous:  # None security, no user
             ns = await anonymous.get_namespace_array()
@@ -360,7 +364,7 @@ async def test_commissioning_mode_free_running_camera_and_generated_login(
                     ua.Variant("x", ua.VariantType.String))
         operator = Client(url)
         operator.set_user("operator")
-        operator.set_password(found.group(1))
+        operator.set_password(password)
         async with operator:
             auto = operator.get_node(ua.NodeId(auto_path, app))
             auto_state = operator.get_node(ua.NodeId(f"{auto_path}.CurrentState", app))
@@ -379,6 +383,7 @@ async def test_commissioning_mode_free_running_camera_and_generated_login(
             assert ids == ua.NodeId("VisionAutomaticModeStateMachineType.ContinuousExecution", mv)
     finally:
         await daemon.stop()
+    assert password not in caplog.text
 
 
 async def test_a_taken_port_fails_the_start_with_a_clear_message(

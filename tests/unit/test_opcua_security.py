@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.config import OpcUaConfig, OpcUaUser
 from appliance.errors import UserError
+from appliance.plc import opcua_pki
 from appliance.plc.opcua_pki import Pki, thumbprint
 from appliance.plc.opcua_security import (
     OPERATOR,
@@ -39,8 +40,9 @@ def test_passwords_come_from_the_environment_and_systemd_credentials(tmp_path: P
     (tmp_path / "scada-pw").write_text("from-credential\n")
     cfg = _config(OpcUaUser(name="plc", role="operator", password_env="PLC_PW"),
                   OpcUaUser(name="scada", role="reader", password_credential="scada-pw"))
-    accounts, generated = load_accounts(cfg, {"PLC_PW": "from-env", "CREDENTIALS_DIRECTORY": str(tmp_path)})
-    assert generated is None
+    accounts, generated = load_accounts(cfg, {"PLC_PW": "from-env", "CREDENTIALS_DIRECTORY": str(tmp_path)},
+                                        generated_file=tmp_path / "generated")
+    assert generated is None and not (tmp_path / "generated").exists()
     assert [(a.name, a.role, a.password) for a in accounts] == [
         ("plc", OPERATOR, "from-env"), ("scada", READER, "from-credential")]
     assert "from-env" not in repr(accounts)
@@ -58,33 +60,47 @@ def test_passwords_come_from_the_environment_and_systemd_credentials(tmp_path: P
      {"CREDENTIALS_DIRECTORY": "/nonexistent"}, "cannot read credential"),
 ])
 def test_a_user_without_a_usable_password_stops_the_start(user: OpcUaUser, env: dict[str, str],
-                                                           message: str) -> None:
+                                                           message: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=message):
-        load_accounts(_config(user), env)
+        load_accounts(_config(user), env, generated_file=tmp_path / "generated")
 
 
-def test_the_demo_user_from_the_environment_is_an_operator() -> None:
+def test_the_demo_user_from_the_environment_is_an_operator(tmp_path: Path) -> None:
+    kept = tmp_path / "generated"
     accounts, generated = load_accounts(_config(), {"APPLIANCE_OPCUA_USER": "demo",
-                                                    "APPLIANCE_OPCUA_PASSWORD": "demo-pw"})
+                                                    "APPLIANCE_OPCUA_PASSWORD": "demo-pw"}, generated_file=kept)
     assert generated is None and [(a.name, a.role) for a in accounts] == [("demo", OPERATOR)]
     with pytest.raises(UserError, match="both"):
-        load_accounts(_config(), {"APPLIANCE_OPCUA_USER": "demo"})
+        load_accounts(_config(), {"APPLIANCE_OPCUA_USER": "demo"}, generated_file=kept)
     with pytest.raises(UserError, match="defined twice"):
         load_accounts(_config(OpcUaUser(name="demo", role="reader", password_env="X")),
-                      {"X": "x", "APPLIANCE_OPCUA_USER": "demo", "APPLIANCE_OPCUA_PASSWORD": "y"})
+                      {"X": "x", "APPLIANCE_OPCUA_USER": "demo", "APPLIANCE_OPCUA_PASSWORD": "y"}, generated_file=kept)
 
 
-def test_without_any_user_one_operator_password_is_generated_per_start() -> None:
-    (first,), generated = load_accounts(_config(), {})
-    (second,), _ = load_accounts(_config(), {})
+def test_without_any_user_one_operator_password_is_generated_once_and_kept_private(tmp_path: Path) -> None:
+    kept = tmp_path / "state" / "credentials" / "opcua-operator"
+    (first,), generated = load_accounts(_config(), {}, generated_file=kept)
     assert generated is first and first.role == OPERATOR and len(first.password) >= 16
-    assert first.password != second.password
+    assert kept.read_text() == first.password
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(kept.parent).st_mode) == 0o700
+    (second,), _ = load_accounts(_config(), {}, generated_file=kept)  # the next start: the same login
+    assert second.password == first.password
+    kept.unlink()
+    (third,), _ = load_accounts(_config(), {}, generated_file=kept)  # deleted: a new one
+    assert third.password != first.password and kept.read_text() == third.password
 
 
-def test_logins_check_password_and_give_the_role() -> None:
+def test_a_generated_password_that_cannot_be_kept_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "credentials").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match=r"cannot be kept in .*credentials/opcua-operator"):
+        load_accounts(_config(), {}, generated_file=tmp_path / "credentials" / "opcua-operator")
+
+
+def test_logins_check_password_and_give_the_role(tmp_path: Path) -> None:
     accounts, _ = load_accounts(_config(OpcUaUser(name="plc", role="operator", password_env="A"),
                                         OpcUaUser(name="scada", role="reader", password_env="B")),
-                                {"A": "pa", "B": "pb"})
+                                {"A": "pa", "B": "pb"}, generated_file=tmp_path / "generated")
     manager = AccountManager(accounts)
     plc = manager.get_user(None, "plc", "pa")
     scada = manager.get_user(None, "scada", "pb")
@@ -202,3 +218,27 @@ def test_pem_certificates_in_trusted_count_and_expired_ones_are_refused(tmp_path
     with pytest.raises(ServiceError) as refused:
         asyncio.run(pki.validate(expired, _app()))
     assert refused.value.code == ua.StatusCodes.BadCertificateTimeInvalid
+
+
+def test_rejected_certificates_are_capped_by_count_and_age_oldest_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(opcua_pki, "REJECTED_MAX", 3)
+    pki = Pki(tmp_path / "pki")
+    pki.ensure_server_certificate("urn:host:appliance", ["localhost"])
+    now = datetime.now(UTC).timestamp()
+
+    def refuse(cert: x509.Certificate, age_days: float) -> Path:
+        with pytest.raises(ServiceError):
+            pki.check(cert, _app())
+        (path,) = [p for p in pki.rejected.iterdir() if thumbprint(cert) in p.name]
+        os.utime(path, (now - age_days * 86400,) * 2)
+        return path
+
+    ancient = refuse(_client_cert(), 40)  # older than REJECTED_MAX_AGE: goes at the next refusal
+    first, second = refuse(_client_cert(), 3), refuse(_client_cert(), 2)
+    third = refuse(_client_cert(), 1)
+    assert not ancient.exists() and {first, second, third} == set(pki.rejected.iterdir())
+    with pytest.raises(ServiceError):  # the first client tries again: it is the youngest now
+        pki.check(x509.load_der_x509_certificate(first.read_bytes()), _app())
+    newest = refuse(_client_cert(), 0)
+    assert set(pki.rejected.iterdir()) == {first, third, newest}  # the oldest went, three are kept
