@@ -1,5 +1,5 @@
 """The dashboard in a real browser: Debian's Chromium driven by Playwright, against a fresh daemon on a
-replay line and a fresh ``streamlit run dashboard/app.py``.
+replay line and a fresh ``streamlit run dashboard/serve.py`` (the pages of app.py, with security headers).
 
 An operator logs in, confirms a held part with one key (Enter), and the label is then in the store
 and in the next retraining set (a verified label); the same operator finds retrain and promote
@@ -47,7 +47,7 @@ def dashboard(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     port = free_port()
     log = (tmp_path_factory.mktemp("streamlit") / "streamlit.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.headless", "true",
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "serve.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
         env={**os.environ, "APPLIANCE_API_URL": line.url}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
