@@ -17,16 +17,13 @@ FORMULA_START = r"^[=+\-@\t\r]"
 """A text cell that starts with one of these is prefixed with a single quote."""
 
 
-def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
-
-
 def neutralise_formulas(batch: pa.RecordBatch) -> pa.RecordBatch:
     """``batch`` with every text cell that a spreadsheet would read as a formula prefixed with ``'``."""
     columns = []
     for column in batch.columns:
-        if _is_text(column.type):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):  # DuckDB's text
             risky = pc.match_substring_regex(column, FORMULA_START)
-            column = pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
+            quote, nothing = pa.scalar("'", column.type), pa.scalar("", column.type)
+            column = pc.if_else(risky, pc.binary_join_element_wise(quote, column, nothing), column)
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
