@@ -44,6 +44,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from appliance.spreadsheet import neutralise_formulas
+
 if TYPE_CHECKING:
     from appliance.config import AppConfig
     from appliance.model_package import ModelCard
@@ -610,7 +612,9 @@ class Analytics:
     # -- export (raw results) ------------------------------------------------------------------------
     def export(self, f: Filters, shifts: Shifts, fmt: str, rows_per_batch: int = 50_000) -> Iterator[bytes]:
         """The selection as CSV or Parquet bytes, oldest first, one row per part with its defect type
-        and severity; streamed batch by batch, so memory stays flat whatever the size."""
+        and severity; streamed batch by batch, so memory stays flat whatever the size.  In CSV (what a
+        spreadsheet opens) a text cell that would start a formula gets a leading ``'``; Parquet keeps
+        the stored values."""
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"format '{fmt}': expected one of {', '.join(EXPORT_FORMATS)}")
         mem = self._rollup()
@@ -638,7 +642,7 @@ class Analytics:
             if fmt == "csv":
                 with pa_csv.CSVWriter(sink, reader.schema) as csv_writer:
                     for batch in reader:
-                        csv_writer.write_batch(batch)
+                        csv_writer.write_batch(neutralise_formulas(batch))
                         yield sink.take()
             else:
                 with pq.ParquetWriter(sink, reader.schema, compression="zstd") as pq_writer:

@@ -21,7 +21,7 @@ from appliance.training.metrics import hold_at
 
 CREDENTIALS_FILE = "demo-credentials.json"
 DEMO_ROLES = ("operator", "engineer", "admin")
-DASHBOARD_APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+DASHBOARD_APP = Path(__file__).resolve().parents[1] / "dashboard" / "serve.py"  # app.py with security headers
 
 
 def prepare_demo(cfg: AppConfig) -> None:

@@ -12,7 +12,8 @@ import streamlit as st
 from dashboard import ui
 from dashboard.api_client import base_url
 
-st.set_page_config(page_title="Defect appliance", page_icon=":material/factory:", layout="wide")
+# an emoji icon is drawn in the page; a Material one would be fetched from Google (refused by the CSP)
+st.set_page_config(page_title="Defect appliance", page_icon="🏭", layout="wide")
 ui.style()
 
 if not st.session_state.get("token"):
@@ -31,8 +32,8 @@ else:
         pages.append(st.Page("views/users.py", title="Users", icon=":material/group:"))
     page = st.navigation(pages)
     with st.sidebar:
-        st.markdown(f"**{st.session_state['user']}** · {st.session_state['role']}")
-        st.caption(f"Appliance: {base_url()}")
+        st.markdown(f"**{ui.esc(st.session_state['user'])}** · {ui.esc(st.session_state['role'])}")
+        st.caption(f"Appliance: {ui.esc(base_url())}")
         if st.button("Log out", icon=":material/logout:", key="logout"):
             ui.logout()
             st.rerun()

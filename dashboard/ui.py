@@ -6,6 +6,7 @@ plant floor reads the same on every page: pass green, rework amber, reject red, 
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -40,6 +41,24 @@ CSS = """
 """
 
 
+# ASCII punctuation (every character Markdown, Streamlit's directives or HTML give a meaning) and
+# control characters (a newline could end an HTML block or start a Markdown one)
+_INERT = {ord(c): f"&#{ord(c)};" for c in string.punctuation} | {c: f"&#{c};" for c in (*range(32), 127)}
+
+
+def esc(value: Any) -> str:
+    """Text from the API (a part id, a batch, a user name, a class or model name, an error message)
+    made inert for ``st.markdown`` — with or without ``unsafe_allow_html`` — and every other element
+    that renders Markdown (captions, alerts, labels, help, toasts, button-group options).
+
+    Each punctuation or control character becomes a numeric character reference, which the Markdown
+    parser and the browser both show as the character itself: no tag, link, image, emphasis or
+    directive can form, inside an HTML block or out.  Not for plain-text places (dataframes,
+    selectbox options, chart data), where the references would show.
+    """
+    return str(value).translate(_INERT)
+
+
 def style() -> None:
     st.html(CSS)
 
@@ -61,7 +80,7 @@ def at_least(required: str) -> bool:
 
 def badge(disposition: str) -> str:
     colour = DISPOSITION_COLOURS.get(disposition, NEUTRAL)
-    return f'<span class="badge" style="background:{colour}">{disposition.upper()}</span>'
+    return f'<span class="badge" style="background:{colour}">{esc(disposition.upper())}</span>'
 
 
 def rule_in_words(rule: str) -> str:
@@ -83,11 +102,11 @@ def call(fn: Callable[[], T], what: str) -> T | None:
             st.warning("Your session has expired or your account changed; please log in again.")
             st.stop()
         if exc.status == 403:
-            st.error(f"Not allowed to {what}: {exc.message}")
+            st.error(f"Not allowed to {esc(what)}: {esc(exc.message)}")
         elif exc.status == 0:
-            st.error(f"Cannot {what}: {exc.message}")
+            st.error(f"Cannot {esc(what)}: {esc(exc.message)}")
         else:
-            st.error(f"Could not {what} ({exc.status}): {exc.message}")
+            st.error(f"Could not {esc(what)} ({exc.status}): {esc(exc.message)}")
         return None
 
 

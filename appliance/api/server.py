@@ -29,6 +29,7 @@ from appliance.api import (
 )
 from appliance.api.deps import known_query_only
 from appliance.errors import UserError
+from appliance.http_headers import SecurityHeaders, api_headers
 
 if TYPE_CHECKING:
     from appliance.daemon import Daemon
@@ -41,6 +42,7 @@ def build_app(daemon: Daemon) -> FastAPI:
                   description="Results, review, models and health of one inspection station.",
                   dependencies=[Depends(known_query_only)])
     app.state.daemon = daemon
+    app.add_middleware(SecurityHeaders, headers_for=api_headers)
     for module in (routes_results, routes_auth, routes_review, routes_models, routes_analytics, routes_line):
         app.include_router(module.router, prefix=API_PREFIX)
     return app

@@ -4,7 +4,6 @@ part of the page is redrawn (no flicker, no full rerun, filters elsewhere keep t
 from __future__ import annotations
 
 import contextlib
-import html
 import io
 from typing import Any
 
@@ -68,16 +67,17 @@ def head_order(version: str | None) -> list[str]:
 def prediction_lines(result: dict[str, Any], order: list[str]) -> str:
     """One line per head, 'label · confidence', the head's name on hover; the error of a failed part."""
     if not result["predictions"]:
-        return html.escape(result.get("error") or "")
+        return ui.esc(result.get("error") or "")
     rank = {name: i for i, name in enumerate(order)}
     heads = sorted(result["predictions"], key=lambda p: rank.get(p["head"], len(rank)))
-    return "<br>".join(f"<span title='{html.escape(p['head'])}'>{html.escape(p['label'])} · "
+    return "<br>".join(f"<span title='{ui.esc(p['head'])}'>{ui.esc(p['label'])} · "
                        f"{p['confidence']:.0%}</span>" for p in heads)
 
 
 def status_line(label: str, text: str, ok: bool | None) -> None:
+    """A figure under its label; both are shown as text (they carry names the daemon reports)."""
     css = "status-ok" if ok else "status-bad" if ok is False else "muted"
-    st.markdown(f"{label}<br><span class='{css} big-label'>{text}</span>", unsafe_allow_html=True)
+    st.markdown(f"{ui.esc(label)}<br><span class='{css} big-label'>{ui.esc(text)}</span>", unsafe_allow_html=True)
 
 
 @st.fragment(run_every=REFRESH_S)
@@ -143,8 +143,8 @@ def live() -> None:
                 st.markdown(f"<div class='no-image' style='aspect-ratio: {ratio}'>image not kept"
                             f"{' (passes are sampled)' if r['disposition'] == 'pass' else ''}</div>",
                             unsafe_allow_html=True)
-            st.markdown(f"{ui.badge(r['disposition'])}<br><span class='muted'>{r.get('part_id') or ''}"
-                        f"<br>{prediction_lines(r, order)}<br>{ui.when(r['acquired_at'])[11:]}</span>",
+            st.markdown(f"{ui.badge(r['disposition'])}<br><span class='muted'>{ui.esc(r.get('part_id') or '')}"
+                        f"<br>{prediction_lines(r, order)}<br>{ui.esc(ui.when(r['acquired_at'])[11:])}</span>",
                         unsafe_allow_html=True)
 
 

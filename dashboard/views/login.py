@@ -8,7 +8,7 @@ from dashboard import ui
 from dashboard.api_client import ApiError, base_url
 
 st.title("Defect appliance")
-st.caption(f"Quality dashboard · {base_url()}")
+st.caption(f"Quality dashboard · {ui.esc(base_url())}")
 left, _ = st.columns([1, 1.4])
 with left, st.form("login"):
     st.subheader("Log in")
@@ -22,7 +22,7 @@ if submitted:
         try:
             token = ui.api().login(username, password)
         except ApiError as exc:
-            left.error("Wrong user name or password." if exc.status == 401 else f"Cannot log in: {exc.message}")
+            left.error("Wrong user name or password." if exc.status == 401 else f"Cannot log in: {ui.esc(exc.message)}")
         else:
             st.session_state.update(token=token["access_token"], user=token["user"], role=token["role"],
                                     expires_at=token["expires_at"])

@@ -87,15 +87,15 @@ def hold_advice(m: dict[str, Any], policy: dict[str, Any]) -> None:
         with col:
             st.altair_chart(charts.hold_curve(curve, setting, len(h.get("classes") or [0, 0])), width="stretch")
             own = sorted((policy.get("class_min_confidence") or {}).get(head, {}))
-            st.caption(f"**{head}** at {curve['threshold'][i]:.2f}: {ui.pct(held, 0)} of these parts held, "
+            st.caption(f"**{ui.esc(head)}** at {curve['threshold'][i]:.2f}: {ui.pct(held, 0)} of these parts held, "
                        + (f"{ui.pct(right)} of those decided right" if right is not None else "none decided")
-                       + (f" (classes {', '.join(own)} have their own thresholds, not drawn)" if own else ""))
+                       + (f" (classes {ui.esc(', '.join(own))} have their own thresholds, not drawn)" if own else ""))
 
 
 def act(what: str, fn: Any) -> None:
     result = ui.call(fn, what)
     if result is not None:
-        st.session_state["models_notice"] = f"Done: {what}."
+        st.session_state["models_notice"] = f"Done: {ui.esc(what)}."
         st.rerun()
 
 
@@ -122,19 +122,19 @@ def detail(m: dict[str, Any], policy: dict[str, Any]) -> None:
     api = ui.api()
     engineer = ui.at_least("engineer")
     tag = " · serving" if m["serving"] else " · shadow" if m["shadow"] else ""
-    with st.expander(f"{m['version']}{tag}", expanded=m["serving"]):
-        st.caption(f"{m.get('architecture', '')} · heads: {', '.join(m.get('heads', []))} · created "
-                   f"{ui.when(m.get('created_at'))} · parent {m.get('parent_version') or '—'}")
+    with st.expander(f"{ui.esc(m['version'])}{tag}", expanded=m["serving"]):
+        st.caption(f"{ui.esc(m.get('architecture', ''))} · heads: {ui.esc(', '.join(m.get('heads', [])))} · created "
+                   f"{ui.esc(ui.when(m.get('created_at')))} · parent {ui.esc(m.get('parent_version') or '—')}")
         gate = m.get("gate")
         if gate and not gate.get("champion"):
-            st.info(f"Evaluated on the held-out set {gate.get('holdout', '?')}, "
-                    f"{ui.when(gate.get('evaluated_at'))}: there was no champion to compare with.")
+            st.info(f"Evaluated on the held-out set {ui.esc(gate.get('holdout', '?'))}, "
+                    f"{ui.esc(ui.when(gate.get('evaluated_at')))}: there was no champion to compare with.")
         elif gate:
             verdict = "passed" if gate["passed"] else "failed"
             (st.success if gate["passed"] else st.error)(
-                f"Validation gate {verdict} against {gate['champion']} on "
-                f"{gate.get('holdout', '?')} (margin {gate.get('margin', 0):.0%}), {ui.when(gate.get('evaluated_at'))}"
-                + ("".join(f"\n- {r}" for r in gate.get("reasons", [])) if gate.get("reasons") else ""))
+                f"Validation gate {verdict} against {ui.esc(gate['champion'])} on {ui.esc(gate.get('holdout', '?'))} "
+                f"(margin {gate.get('margin', 0):.0%}), {ui.esc(ui.when(gate.get('evaluated_at')))}"
+                + "".join(f"\n- {ui.esc(r)}" for r in gate.get("reasons") or []))
         table = metrics_table(m)
         if table.empty:
             st.caption("This model card carries no held-out metrics.")
@@ -150,14 +150,14 @@ def detail(m: dict[str, Any], policy: dict[str, Any]) -> None:
             for col, (title, block) in zip(cols * 4, blocks, strict=False):
                 classes = block.get("classes") or [str(i) for i in range(len(block["confusion"]))]
                 with col:
-                    st.markdown(f"**{title}**")
+                    st.markdown(f"**{ui.esc(title)}**")
                     st.altair_chart(charts.confusion(block["confusion"], classes), width="stretch")
         hold_advice(m, policy)
         if facts := training_text(m):
-            st.caption(facts)
+            st.caption(ui.esc(facts))
         if m.get("onnx_sha256"):
-            st.caption(f"ONNX sha256 `{m['onnx_sha256'][:16]}…` (checked on every load) · training data "
-                       f"fingerprint `{(m.get('training_data_fingerprint') or '—')[:16]}…`")
+            st.caption(f"ONNX sha256 {ui.esc(m['onnx_sha256'][:16])}… (checked on every load) · training data "
+                       f"fingerprint {ui.esc((m.get('training_data_fingerprint') or '—')[:16])}…")
         row = st.container(horizontal=True)
         if row.button("Run gate", key=f"gate_{m['version']}", disabled=not engineer,
                       help=None if engineer else ENGINEER_ONLY):
@@ -185,15 +185,15 @@ def shadow() -> None:
         if exc.status == 404:
             st.caption("No shadow (challenger) model is running.")
             return
-        st.error(f"Cannot read the shadow agreement: {exc.message}")
+        st.error(f"Cannot read the shadow agreement: {ui.esc(exc.message)}")
         return
-    st.markdown(f"Shadow model **{data['shadow_version']}** judges the same frames; its answers are stored, "
+    st.markdown(f"Shadow model **{ui.esc(data['shadow_version'])}** judges the same frames; its answers are stored, "
                 "never published.")
     rows = [{"head": head, "class (champion)": cls, "parts": v["n"], "agreement": v["agreement"]}
             for head, h in data["heads"].items() for cls, v in h["per_class"].items()]
     cols = st.columns(max(1, len(data["heads"])))
     for col, (head, h) in zip(cols, data["heads"].items(), strict=False):
-        col.metric(f"Agreement · {head}", ui.pct(h["agreement"]), f"{h['n']} parts", delta_color="off")
+        col.metric(f"Agreement · {ui.esc(head)}", ui.pct(h["agreement"]), f"{h['n']} parts", delta_color="off")
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
             "agreement": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1)})
@@ -218,32 +218,32 @@ def retrain_progress() -> None:
         if exc.unavailable or exc.status == 404:
             st.info("Retraining is not available on this appliance yet (its API has no /retrain).")
         else:
-            st.error(f"Cannot read the retraining state: {exc.message}")
+            st.error(f"Cannot read the retraining state: {ui.esc(exc.message)}")
         return
     state = job.get("state", "idle")
     if state == "running":
         phase, message = job.get("phase") or "", job.get("message") or ""
-        st.progress(float(job.get("progress") or 0.0),
-                    text=f"Retraining · {phase}" + (f" · {message}" if message and message != phase else ""))
+        st.progress(float(job.get("progress") or 0.0), text=f"Retraining · {ui.esc(phase)}"
+                    + (f" · {ui.esc(message)}" if message and message != phase else ""))
     elif state == "done":
         gate = job.get("gate") or {}
-        text = (f"Last retraining finished: candidate {job.get('candidate_version') or '?'}"
+        text = (f"Last retraining finished: candidate {ui.esc(job.get('candidate_version') or '?')}"
                 + (f" · gate {'passed' if gate.get('passed') else 'failed'}" if gate else ""))
-        reasons = "".join(f"\n- {r}" for r in gate.get("reasons") or [])
+        reasons = "".join(f"\n- {ui.esc(r)}" for r in gate.get("reasons") or [])
         (st.warning if gate and not gate.get("passed") else st.success)(text + reasons)
     elif state == "failed":
-        st.error(f"Last retraining failed: {job.get('message') or ''}")
+        st.error(f"Last retraining failed: {ui.esc(job.get('message') or '')}")
     else:
         st.caption("No retraining running.")
     if used := job.get("training_set"):
-        st.caption(training_set_text(used))
+        st.caption(ui.esc(training_set_text(used)))
     engineer = ui.at_least("engineer")
     if st.button("Start retraining", key="retrain", type="primary", disabled=not engineer or state == "running",
                  help="Trains a candidate on the verified labels, in its own process" if engineer
                  else ENGINEER_ONLY):
         started = ui.call(lambda: ui.api().post("/retrain"), "start retraining")
         if started is not None:
-            st.toast(f"Retraining started (job {started.get('job_id', '?')})")
+            st.toast(f"Retraining started (job {ui.esc(started.get('job_id', '?'))})")
 
 
 st.title("Models")
@@ -252,10 +252,11 @@ if notice := st.session_state.pop("models_notice", None):
 models = ui.call(lambda: ui.api().get("/models"), "read the model registry")
 if models is not None:
     top = st.columns([3, 1])
-    top[0].markdown(f"Serving **{models['champion'] or '—'}** · roll back to **{models['rollback_to'] or '—'}**")
+    top[0].markdown(f"Serving **{ui.esc(models['champion'] or '—')}** · roll back to "
+                    f"**{ui.esc(models['rollback_to'] or '—')}**")
     engineer = ui.at_least("engineer")
     if top[1].button("Roll back", key="rollback", disabled=not engineer or not models["rollback_to"],
-                     help=f"Serve {models['rollback_to']} again" if engineer else ENGINEER_ONLY):
+                     help=f"Serve {ui.esc(models['rollback_to'])} again" if engineer else ENGINEER_ONLY):
         act("roll back", lambda: ui.api().post("/models/rollback"))
     if not engineer:
         st.caption("You are logged in as an operator: promoting, rolling back and retraining need an engineer.")

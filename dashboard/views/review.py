@@ -7,7 +7,6 @@ only after someone else verifies it (the API refuses self-verification).
 
 from __future__ import annotations
 
-import html
 from functools import partial
 from typing import Any
 
@@ -35,11 +34,12 @@ def save(result_id: str, heads: list[str], predicted: dict[str, str]) -> None:
     try:
         done = ui.api().post(f"/results/{result_id}/labels", {"labels": labels, "comment": comment})
     except ui.ApiError as exc:
-        st.session_state["review_error"] = f"Could not save the label ({exc.status}): {exc.message}"
+        st.session_state["review_error"] = f"Could not save the label ({exc.status}): {ui.esc(exc.message)}"
         return
     what = "confirmed" if labels == predicted else "corrected"
     extra = "" if done["verified"] else " · waits for a second person to verify it"
-    st.session_state["review_notice"] = (f"Part {what}: " + ", ".join(f"{h} = {v}" for h, v in labels.items())
+    st.session_state["review_notice"] = (f"Part {what}: " + ", ".join(f"{ui.esc(h)} = {ui.esc(v)}"
+                                                                    for h, v in labels.items())
                                          + extra)
     st.session_state.pop("review_current", None)
 
@@ -58,7 +58,7 @@ def show_part(part: dict[str, Any], heads: list[dict[str, Any]]) -> None:
             try:
                 image = ui.api().content(f"/results/{part['result_id']}/image")
             except ui.ApiError as exc:
-                st.warning(f"Image not available: {exc.message}")
+                st.warning(f"Image not available: {ui.esc(exc.message)}")
         if image:
             st.image(image, width="stretch")
         else:
@@ -66,22 +66,24 @@ def show_part(part: dict[str, Any], heads: list[dict[str, Any]]) -> None:
     with right:
         reason = (f"held: {ui.rule_in_words(part['rule'])}" if part["review"] == "hold"
                   else f"audit sample of a confident {part['disposition']} ({ui.rule_in_words(part['rule'])})")
-        st.markdown(f"{ui.badge(part['disposition'])} &nbsp; <span class='big-label'>{part.get('part_id') or ''}"
-                    f"</span><br><span class='muted' title='rule {html.escape(part['rule'])}'>{reason} · "
-                    f"{ui.when(part['acquired_at'])} · batch {part.get('batch') or '—'} · "
-                    f"{part['camera_view']} · priority {part.get('priority', 0):.2f}</span>",
+        st.markdown(f"{ui.badge(part['disposition'])} &nbsp; <span class='big-label'>"
+                    f"{ui.esc(part.get('part_id') or '')}</span><br><span class='muted' title='rule "
+                    f"{ui.esc(part['rule'])}'>{ui.esc(reason)} · {ui.esc(ui.when(part['acquired_at']))} · batch "
+                    f"{ui.esc(part.get('batch') or '—')} · {ui.esc(part['camera_view'])} · priority "
+                    f"{part.get('priority', 0):.2f}</span>",
                     unsafe_allow_html=True)
         if part.get("error"):
-            st.error(f"Image error: {part['error']}")
+            st.error(f"Image error: {ui.esc(part['error'])}")
         choices: dict[str, str] = {}
         for head in heads:
             p = predicted.get(head["name"])
-            st.markdown(f"**{head['name']}** — model says **{p['label']}** ({p['confidence']:.0%})" if p
-                        else f"**{head['name']}** — no prediction")
+            name = ui.esc(head["name"])
+            st.markdown(f"**{name}** — model says **{ui.esc(p['label'])}** ({p['confidence']:.0%})" if p
+                        else f"**{name}** — no prediction")
             if p:
                 st.altair_chart(charts.probabilities(head["classes"], p["probs"], p["label"]), width="stretch")
             pick = st.segmented_control(
-                f"What is the {head['name']}?", head["classes"], default=p["label"] if p else None,
+                f"What is the {name}?", head["classes"], default=p["label"] if p else None, format_func=ui.esc,
                 key=f"pick_{part['result_id']}_{head['name']}", required=True)
             if pick:
                 choices[head["name"]] = pick
@@ -127,12 +129,12 @@ def verification(me: str) -> None:
         st.caption("Nothing for you to verify.")
     for label in others[:20]:
         c = st.columns([3, 2, 2, 1])
-        c[0].markdown(f"`{label['result_id']}` · **{label['head']} = {label['label']}**")
-        c[1].markdown(f"by **{label['labelled_by']}**")
-        c[2].markdown(ui.when(label["labelled_at"]))
+        c[0].markdown(f"{ui.esc(label['result_id'])} · **{ui.esc(label['head'])} = {ui.esc(label['label'])}**")
+        c[1].markdown(f"by **{ui.esc(label['labelled_by'])}**")
+        c[2].markdown(ui.esc(ui.when(label["labelled_at"])))
         verify = c[3].button("Verify", key=f"verify_{label['label_id']}")
         if verify and ui.call(partial(api.post, f"/labels/{label['label_id']}/verify"), "verify the label"):
-            st.session_state["review_notice"] = f"Verified {label['head']} = {label['label']}"
+            st.session_state["review_notice"] = f"Verified {ui.esc(label['head'])} = {ui.esc(label['label'])}"
             st.rerun()
 
 
@@ -163,7 +165,8 @@ if card is not None and queue is not None:
     newest = (f" (ranked among the newest {queue['ranked_from']:,})"
               if queue.get("ranked_from", queue["waiting"]) < queue["waiting"] else "")
     st.caption(f"{queue['waiting']:,} parts waiting · {held} held and {queue['count'] - held} audit samples "
-               f"in the top {QUEUE}{newest} · most informative first · ranked at {ui.when(queue['ranked_at'])[-8:]}")
+               f"in the top {QUEUE}{newest} · most informative first · ranked at "
+               f"{ui.esc(ui.when(queue['ranked_at'])[-8:])}")
     part = pick_part(queue["results"])
     if part is None:
         st.success("Nothing waiting for review.")

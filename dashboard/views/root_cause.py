@@ -70,25 +70,25 @@ if facets is None:
     st.stop()
 params = filters(facets)
 plan = ", ".join(f"{s['name']} {s['starts']}" for s in facets["shifts"])
-st.caption(f"{facets['results']:,} results stored · shifts: {plan} ({facets['timezone']}) · defect = rework "
-           f"or reject; defect rate = defects / decided parts (holds excluded)")
+st.caption(f"{facets['results']:,} results stored · shifts: {ui.esc(plan)} ({ui.esc(facets['timezone'])}) · "
+           "defect = rework or reject; defect rate = defects / decided parts (holds excluded)")
 
 control = get("/analytics/control", params, "read the control chart")
 if control:
     alarm = control["alarm"]
     if alarm["active"]:
-        st.html(f"<div class='alarm'>⚠ Control chart alarm: {alarm['reason']}</div>")
+        st.html(f"<div class='alarm'>⚠ Control chart alarm: {ui.esc(alarm['reason'])}</div>")
     elif alarm["run_warning"]:
-        st.warning(alarm["reason"])
+        st.warning(ui.esc(alarm["reason"]))
     st.subheader("Defect rate · p-chart")
     st.caption(f"Centre line {ui.pct(control['centre'], 2)} · 3σ limits per subgroup · subgroup = "
-               f"{control['bucket']} · {alarm['out_of_control']} subgroups out of control")
+               f"{ui.esc(control['bucket'])} · {alarm['out_of_control']} subgroups out of control")
     st.altair_chart(charts.control(control["points"], control["centre"]), width="stretch")
 
 left, right = st.columns(2)
 with left:
     pareto = get("/analytics/pareto", params, "read the Pareto")
-    st.subheader(f"Pareto of defective parts by {pareto['type_head']}" if pareto else "Pareto")
+    st.subheader(f"Pareto of defective parts by {ui.esc(pareto['type_head'])}" if pareto else "Pareto")
     if pareto:
         if pareto["items"]:
             st.altair_chart(charts.pareto(pareto["items"], pareto["type_head"]), width="stretch")
@@ -96,7 +96,7 @@ with left:
             st.info("No defective parts in this selection.")
 with right:
     sev = get("/analytics/severity", params, "read the severities")
-    st.subheader(f"{sev['severity_head']} per {sev['type_head']}" if sev else "Severity")
+    st.subheader(f"{ui.esc(sev['severity_head'])} per {ui.esc(sev['type_head'])}" if sev else "Severity")
     if sev:
         if sev["cells"]:
             st.altair_chart(charts.severity(sev["cells"], sev["severity_classes"], sev["type_head"],
@@ -112,7 +112,7 @@ with left:
     trend = get("/analytics/trend", {**params, "by": by}, "read the trend")
     if trend:
         st.altair_chart(charts.trend(trend["points"], DIMENSIONS[by]), width="stretch")
-        st.caption(f"one point per {trend['bucket']}")
+        st.caption(f"one point per {ui.esc(trend['bucket'])}")
 with right:
     groups = get("/analytics/breakdown", {**params, "by": by, "limit": 30}, "read the breakdown")
     if groups:

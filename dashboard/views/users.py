@@ -28,7 +28,7 @@ with left, st.form("user_form", clear_on_submit=True):
     submitted = st.form_submit_button("Save user", type="primary")
     if submitted and ui.call(lambda: api.put(f"/users/{name}", {"role": role, "password": password}),
                              "save the user"):
-        st.session_state["users_notice"] = f"Saved {name} as {role}."
+        st.session_state["users_notice"] = f"Saved {ui.esc(name)} as {ui.esc(role)}."
         st.rerun()
 with right:
     st.subheader("Remove a user")
@@ -36,5 +36,5 @@ with right:
     gone = st.selectbox("User", others, key="user_remove", index=None, placeholder="choose a user")
     remove = st.button("Remove", key="user_remove_button", disabled=gone is None)
     if remove and ui.call(lambda: api.delete(f"/users/{gone}"), "remove the user"):
-        st.session_state["users_notice"] = f"Removed {gone}."
+        st.session_state["users_notice"] = f"Removed {ui.esc(gone)}."
         st.rerun()

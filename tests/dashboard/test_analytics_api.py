@@ -7,6 +7,7 @@ import io
 from datetime import UTC, datetime
 
 import duckdb
+import httpx
 import pyarrow.parquet as pq
 import pytest
 
@@ -106,3 +107,35 @@ def test_control_chart_raises_the_alarm() -> None:
     assert chart["alarm"]["active"] is True and chart["points"][-1]["out"] is True
     assert "above the upper control limit" in chart["alarm"]["reason"]
     assert not any(p["out"] for p in chart["points"][:-1])
+
+
+def test_export_neutralises_spreadsheet_formulas(line: Line) -> None:
+    """A part id a spreadsheet would run (stored before the wire refused such text) is exported as text."""
+    formulas = ['=HYPERLINK("http://x","y")', "@SUM(A1)"]
+    with line.api("engineer") as api:
+        ids = [r["result_id"] for r in api.get("/results", params={"limit": 2}).json()["results"]]
+        before = [line.rewrite(rid, part_id=formula) for rid, formula in zip(ids, formulas, strict=True)]
+        try:
+            as_csv = api.get("/analytics/export", params={"format": "csv"})
+            as_parquet = api.get("/analytics/export", params={"format": "parquet"})
+        finally:
+            for rid, old in zip(ids, before, strict=True):
+                line.rewrite(rid, **old)
+    rows = {r["result_id"]: r for r in csv.DictReader(io.StringIO(as_csv.text, newline=""))}
+    assert [rows[rid]["part_id"] for rid in ids] == ["'" + f for f in formulas]
+    assert float(rows[ids[0]]["total_ms"]) > 0 and not rows[ids[0]]["seq"].startswith("'"), "numbers stay numbers"
+    table = pq.read_table(io.BytesIO(as_parquet.content))
+    stored = dict(zip(table.column("result_id").to_pylist(), table.column("part_id").to_pylist(), strict=True))
+    assert [stored[rid] for rid in ids] == formulas, "Parquet is data, not a spreadsheet: values as stored"
+
+
+def test_api_answers_with_security_headers(line: Line) -> None:
+    with line.api("operator") as api:
+        answers = [api.get("/health"), api.get("/results", params={"limit": 1}), api.get("/nowhere")]
+        docs = httpx.get(f"{line.url}/docs")
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["cache-control"] == "no-store", answer.url
+        assert answer.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert answer.headers["x-frame-options"] == "DENY"
+    assert docs.status_code == 200 and docs.headers["content-security-policy"] == "frame-ancestors 'none'"

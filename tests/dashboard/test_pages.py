@@ -6,6 +6,7 @@ what a page shows is checked against what the API says.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,19 @@ def open_page(at: AppTest, page: str) -> AppTest:
     return at
 
 
-def texts(at: AppTest) -> str:
+IFRAME = '<iframe srcdoc="<script>document.title=\'pwned\'</script>">'
+SCRIPT = "<script>document.title='pwned'</script>"
+
+
+def sources(at: AppTest) -> str:
+    """The Markdown the page sends to the browser."""
     return " ".join(str(m.value) for m in [*at.markdown, *at.caption, *at.info, *at.success, *at.error,
                                              *at.warning, *at.subheader])
+
+
+def texts(at: AppTest) -> str:
+    """What a reader sees of it: API text is sent as character references (ui.esc), read here as text."""
+    return html.unescape(sources(at))
 
 
 def charts(at: AppTest) -> int:
@@ -80,6 +91,25 @@ def test_live_shows_the_line(line: Line, api_url: str) -> None:
     caption = "<br>".join(f"<span title='{h}'>{by_head[h]['label']} · {by_head[h]['confidence']:.0%}</span>"
                           for h in card_order)
     assert caption in texts(at), "a part's caption: every head's label and confidence, in the card's order"
+
+
+def test_hostile_part_text_arrives_as_text(line: Line, api_url: str) -> None:
+    """A part id and batch with markup, stored before the wire refused such text, reach Live and Review
+    only as character references: no tag in what the page sends, the text itself in what it shows."""
+    with line.api("operator") as api:
+        newest = api.get("/results", params={"limit": 1}).json()["results"][0]["result_id"]
+        top = api.get("/review/queue").json()["results"][0]["result_id"]
+    saved = {rid: line.rewrite(rid, part_id=IFRAME, batch=SCRIPT) for rid in {newest, top}}
+    try:
+        pages = [app(line, "operator"), open_page(app(line, "operator"), "review")]
+    finally:
+        for rid, old in saved.items():
+            line.rewrite(rid, **old)
+    for at in pages:
+        assert not at.exception
+        assert "<iframe" not in sources(at) and "<script" not in sources(at)
+        assert IFRAME in texts(at)
+    assert f"batch {SCRIPT}" in texts(pages[1])
 
 
 def test_operator_sees_no_audit_or_users_page(line: Line, api_url: str) -> None:

@@ -3,17 +3,65 @@ screenshot tool share.  Never downloads a browser (scripts/system-deps.sh instal
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1500, "height": 950}
 
 
+CSP_WATCH = """window.__csp = [];
+document.addEventListener('securitypolicyviolation',
+  e => window.__csp.push(`${e.violatedDirective} ${e.blockedURI} (${e.sourceFile}:${e.lineNumber})`));"""
+"""An init script: every Content-Security-Policy violation of the page, in ``window.__csp``."""
+
+
 def launch(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+
+
+@contextlib.contextmanager
+def serve_dashboard(api_url: str, log_path: Path) -> Iterator[str]:
+    """``streamlit run dashboard/serve.py`` (the pages with their security headers) against ``api_url``
+    on a free port; yields its URL once it answers, stops it after."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "serve.py"), "--server.headless",
+             "true", "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats",
+             "false"], env={**os.environ, "APPLIANCE_API_URL": api_url}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok":
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start; see {log_path}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def settle(page: Any) -> None:
@@ -21,8 +69,13 @@ def settle(page: Any) -> None:
     page.wait_for_load_state("networkidle")
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=30_000)
     page.wait_for_timeout(700)
-    # a fragment that is refreshing greys out its old elements: wait for the fresh ones
-    page.wait_for_function("document.querySelectorAll('[data-stale=\"true\"]').length === 0", timeout=30_000)
+    # a fragment that is refreshing greys out its old elements: wait for the fresh ones (polled from
+    # here: wait_for_function compiles its predicate in the page, which the dashboard's CSP refuses)
+    deadline = time.monotonic() + 30
+    while page.evaluate("document.querySelectorAll('[data-stale=\"true\"]').length"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the dashboard kept stale elements for 30 s")
+        page.wait_for_timeout(100)
 
 
 def log_in(page: Any, url: str, user: str, password: str) -> None:

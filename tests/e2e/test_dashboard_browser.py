@@ -1,5 +1,5 @@
 """The dashboard in a real browser: Debian's Chromium driven by Playwright, against a fresh daemon on a
-replay line and a fresh ``streamlit run dashboard/app.py``.
+replay line and a fresh ``streamlit run dashboard/serve.py`` (the pages of app.py, with security headers).
 
 An operator logs in, confirms a held part with one key (Enter), and the label is then in the store
 and in the next retraining set (a verified label); the same operator finds retrain and promote
@@ -10,22 +10,25 @@ Chromium comes from Debian (scripts/system-deps.sh).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import free_port
 from tests.dashboard.line import PASSWORDS, USERS, Line
-from tests.e2e.browser import CHROMIUM, VIEWPORT, go, launch, log_out, screenshot, settle
+from tests.e2e.browser import (
+    CHROMIUM,
+    CSP_WATCH,
+    ROOT,
+    VIEWPORT,
+    go,
+    launch,
+    log_out,
+    screenshot,
+    serve_dashboard,
+    settle,
+)
 from tests.e2e.browser import log_in as browser_log_in
 
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts" / "dashboard"
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
@@ -44,32 +47,8 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
 
 @pytest.fixture(scope="module")
 def dashboard(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path_factory.mktemp("streamlit") / "streamlit.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        env={**os.environ, "APPLIANCE_API_URL": line.url}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start; see {log.name}")
-            time.sleep(0.3)
+    with serve_dashboard(line.url, tmp_path_factory.mktemp("streamlit") / "streamlit.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +69,15 @@ def log_in(page: object, url: str, role: str) -> None:
     browser_log_in(page, url, USERS[role], PASSWORDS[role])
 
 
+def assert_no_csp_violations(page: object) -> None:
+    """Every page so far rendered under the dashboard's Content-Security-Policy without breaking it."""
+    assert page.evaluate("window.__csp") == []  # type: ignore[attr-defined]
+
+
 def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, dashboard: str,
                                                                      browser: object) -> None:
     page = browser.new_page(viewport=VIEWPORT)  # type: ignore[attr-defined]
+    page.add_init_script(CSP_WATCH)
     page.goto(dashboard)
     page.get_by_role("textbox", name="User name").wait_for(timeout=30_000)
     settle(page)
@@ -139,6 +124,7 @@ def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, d
     assert page.get_by_role("button", name="Promote", exact=True).first.is_disabled()
     assert page.get_by_role("button", name="Roll back").is_disabled()
     assert page.get_by_role("link", name="Audit").count() == 0, "operators have no Audit page"
+    assert_no_csp_violations(page)
     log_out(page)
 
     log_in(page, dashboard, "engineer")
@@ -161,9 +147,11 @@ def test_operator_labels_a_held_part_and_cannot_retrain_or_promote(line: Line, d
     assert any(e["action"] == "label" and e["user"] == "olga" and e["target"] == part["result_id"]
                for e in entries), "the label is in the audit log the page shows"
     shot(page, "audit")
+    assert_no_csp_violations(page)
     log_out(page)
 
     log_in(page, dashboard, "admin")
     go(page, "Users")
     shot(page, "users")
+    assert_no_csp_violations(page)
     page.close()
