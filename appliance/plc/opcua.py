@@ -154,7 +154,7 @@ class OpcUaEndpoint:
         except (OSError, ValueError) as exc:
             raise UserError(f"OPC UA: cannot prepare the server certificate in {self.pki.root}: "
                             f"{exc}") from exc
-        iserver = SecureInternalServer(AccountManager(accounts, allow_anonymous=cfg.insecure_commissioning))
+        iserver = SecureInternalServer(AccountManager(accounts, cfg.insecure_commissioning, daemon.login_guard))
         iserver.allow_unsecured_sessions = cfg.insecure_commissioning
         iserver.max_connections = cfg.max_connections
         iserver.max_pending_activation_seconds = cfg.activation_timeout_s
