@@ -49,6 +49,8 @@ UNLOCK_DIR = "login-unlock"
 K = TypeVar("K", bound=Hashable)
 EVICTION_SCAN = 32
 """Oldest entries looked at for an unlocked one to forget when a table is full."""
+KEY_CHARS = 128
+"""Characters of a tried user name kept as its key (names are at most 64), so huge ones cost no memory."""
 
 
 @dataclass(slots=True)
@@ -151,7 +153,7 @@ class LoginGuard:
     def refusal(self, channel: str, user: str, source: str | None) -> Refusal | None:
         """Why this attempt must not check its password now, or None; a refusal is counted."""
         now = self.clock()
-        found = self._refusal_of(self.users, (channel, user), now, "user")
+        found = self._refusal_of(self.users, (channel, user[:KEY_CHARS]), now, "user")
         if found is not None and found.reason == "locked" and self._unlock_requested(user, now):
             found = None
         if found is None and (address := self._lockable(source)) is not None:
@@ -192,7 +194,7 @@ class LoginGuard:
 
     # -- after it was checked ----------------------------------------------------------------------
     def succeeded(self, channel: str, user: str, source: str | None) -> None:
-        self.users.entries.pop((channel, user), None)
+        self.users.entries.pop((channel, user[:KEY_CHARS]), None)
         self._record(user, channel, "login", source)
         if self.metrics is not None:
             self.metrics.logins.labels(channel).inc()
@@ -201,7 +203,7 @@ class LoginGuard:
     def failed(self, channel: str, user: str, source: str | None) -> Refusal | None:
         """Count a wrong password; the lock it imposed, if it was the one too many."""
         now = self.clock()
-        entry = self._fail(self.users.touch((channel, user), now), now)
+        entry = self._fail(self.users.touch((channel, user[:KEY_CHARS]), now), now)
         address = self._lockable(source)
         source_entry = None if address is None else self._fail(self.sources.touch(address, now), now)
         self._record(user, channel, "login.failed", source, {"failures": entry.count})
@@ -228,7 +230,7 @@ class LoginGuard:
             entry.count, entry.since, entry.retry_at, entry.locked_until = 0, now, 0.0, 0.0  # a fresh start
         entry.count += 1
         if entry.count >= self.cfg.backoff_after and self.cfg.backoff_base_s > 0:
-            wait = self.cfg.backoff_base_s * 2 ** (entry.count - self.cfg.backoff_after)
+            wait = self.cfg.backoff_base_s * 2 ** min(entry.count - self.cfg.backoff_after, 32)
             entry.retry_at = now + min(wait, self.cfg.backoff_max_s)
         return entry
 

@@ -24,8 +24,8 @@ from typing import Any
 from bench.common import RESULTS, machine
 from bench.plots import FIGURES
 
-BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "analytics", "elpv", "elpv_pooled",
-              "elpv_svm", "learning_curve", "active_learning")
+BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "login_attack", "analytics", "elpv",
+              "elpv_pooled", "elpv_svm", "learning_curve", "active_learning")
 COMMANDS = {"elpv_pooled": ["bench.elpv", "--recipe", "configs/recipes/elpv-pooled-300.yaml",
                             "--out", str(RESULTS / "elpv_pooled.json")]}
 """Benchmarks that are another one run with other arguments; the rest are ``python -m bench.<name>``."""
@@ -96,6 +96,13 @@ def rows() -> list[tuple[str, str, str, str]]:
         out += [("retrain_load", "stored p99 while retraining / idle",
                  f"{ms(p['stored_ms_while_retraining'])} / {ms(p['stored_ms_idle'])} (×{p['p99_ratio']})",
                  "≤ 1.5 ×")]
+    if p := load("login_attack"):
+        api, opc = p["api"], p["opcua"]
+        out += [("login_attack", f"stored p99 while {api['attempts']:,} API and {opc['attempts']} OPC UA password "
+                                 "guesses arrive / idle",
+                 f"{ms(p['stored_ms_under_attack'])} / {ms(p['stored_ms_idle'])} (×{p['p99_ratio']})", "≤ 1.5 ×"),
+                ("login_attack", "API guesses whose password was checked / refused unchecked (lockout, backoff, "
+                                 "queue full)", f"{api['password_checked']:,} / {sum(api['refused'].values()):,}", "–")]
     if p := load("analytics"):
         out.append(("analytics", f"slowest dashboard query at {p['results']:,} results",
                     f"{p['worst_dashboard_query_max_ms']} ms (max of runs)", f"≤ {p['goal_ms']} ms"))

@@ -130,6 +130,8 @@ def test_tables_stay_bounded_and_forget_unlocked_entries_first() -> None:
     for i in range(1000):  # a spray of names from unknown addresses
         g.failed("api", f"spray{i}", None)
     assert len(g.users.entries) == 16
+    g.failed("opcua", "x" * 1_000_000, None)
+    assert max(len(name) for _, name in g.users.entries) <= 128, "a huge name is not kept whole"
     assert g.refusal("api", "admin", None) is not None, "the locked user was not forgotten"
 
 
