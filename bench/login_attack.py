@@ -3,8 +3,8 @@ attacked, against the same line idle.
 
 The real daemon (in this process) replays the line at ``--rate`` parts/s with the real model, its
 HTTP API and OPC UA server on free ports, and the default ``login`` settings.  After ``--seconds``
-of idle running, attackers in their own processes (at nice 19: an attacker's CPU is its own, not
-the line's) guess for ``--seconds``:
+of idle running, an attacker in its own process (at nice 19: an attacker's CPU is its own, not the
+line's) guesses, first over the API (for at least ``--seconds``), then over OPC UA:
 
 * API, in rounds: ``--sequential`` wrong passwords for ``admin`` one after another (the user is
   locked after ``login.max_failures``; the rest are refused without a password check), then
@@ -14,7 +14,7 @@ the line's) guess for ``--seconds``:
 * OPC UA: ``--opcua`` wrong passwords for the PLC operator, each on a new SignAndEncrypt session
   with a trusted client certificate.
 
-Goal: stored p99 under attack ≤ 1.5 × idle.  Also reported: how many guesses had their password
+Goal: stored p99 during each attack ≤ 1.5 × idle.  Also reported: how many guesses had their password
 checked (argon2) and how many were refused by lockout, backoff or a full queue.
 Writes bench/results/login_attack.json.  Needs a model: run `appliance demo` once, or pass --model.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import multiprocessing as mp
 import os
 import secrets
@@ -74,6 +75,7 @@ def api_attacker(url: str, seconds: float, sequential: int, parallel: int) -> di
 def opcua_attacker(url: str, pki: str, server_cert: str, attempts: int) -> dict[str, Any]:
     """Child process: wrong passwords for the PLC operator, one new secure session each."""
     os.nice(19)
+    logging.getLogger("asyncua").setLevel(logging.ERROR)  # a refused session is the expected answer here
     from asyncua import Client, ua
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
     from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
@@ -125,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["APPLIANCE_OPCUA_USER"], os.environ["APPLIANCE_OPCUA_PASSWORD"] = OPCUA_USER, OPCUA_PASSWORD
         daemon = Daemon(cfg)
         phase = {"name": "warm-up"}
-        stored: dict[str, list[float]] = {"idle": [], "attack": []}
+        stored: dict[str, list[float]] = {"idle": [], "api": [], "opcua": []}
 
         async def record(result: PartResult) -> None:
             if phase["name"] in stored:
@@ -133,65 +135,71 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         daemon.publishers.append(record)
         await daemon.start()
-        ctx = mp.get_context("spawn")
         loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(daemon.users.set, "admin", "admin", secrets.token_urlsafe(16))
             pki = cfg.state_dir / "pki"
-            with ThreadPoolExecutor(2) as waiters:
-                pool = ctx.Pool(2)  # started (imports done) before anything is measured
-                await loop.run_in_executor(waiters, pool.apply, time.sleep, (0.1,))
+            with ThreadPoolExecutor(1) as waiter, mp.get_context("spawn").Pool(1) as pool:
+                await loop.run_in_executor(waiter, pool.apply, time.sleep, (0.1,))  # imports done before
                 await asyncio.sleep(3)
+
+                async def attack(name: str, fn: Any, *fn_args: Any) -> tuple[dict[str, Any], float]:
+                    phase["name"] = name
+                    started = time.monotonic()
+                    report = await loop.run_in_executor(waiter, pool.apply, fn, fn_args)
+                    phase["name"] = "between"
+                    return report, round(time.monotonic() - started, 1)
+
                 phase["name"] = "idle"
                 await asyncio.sleep(args.seconds)
-                phase["name"] = "attack"
-                started = time.monotonic()
-                api_run = pool.apply_async(api_attacker, (f"http://127.0.0.1:{daemon.api_port}/api/v1",
-                                                          args.seconds, args.sequential, args.parallel))
-                opc_run = pool.apply_async(opcua_attacker, (f"opc.tcp://127.0.0.1:{port}", str(pki),
-                                                            str(pki / "own" / "cert.der"), args.opcua))
-                api_report = await loop.run_in_executor(waiters, api_run.get, 600)
-                opc_report = await loop.run_in_executor(waiters, opc_run.get, 600)
-                attacked = time.monotonic() - started
-                phase["name"] = "done"
-                pool.close()
-                pool.join()
+                api_report, api_s = await attack("api", api_attacker, f"http://127.0.0.1:{daemon.api_port}/api/v1",
+                                                 args.seconds, args.sequential, args.parallel)
+                opc_report, opc_s = await attack("opcua", opcua_attacker, f"opc.tcp://127.0.0.1:{port}",
+                                                 str(pki), str(pki / "own" / "cert.der"), args.opcua)
         finally:
             dropped = daemon.stats.dropped
             guard = counters(daemon)
             await daemon.stop()
-    idle, attack = percentiles(stored["idle"]), percentiles(stored["attack"])
-    ratio = round(attack["p99"] / idle["p99"], 3) if idle["p99"] and attack["p99"] else None
+    idle = percentiles(stored["idle"])
+
+    def ratio(name: str) -> float | None:
+        p99 = percentiles(stored[name])["p99"]
+        return round(p99 / idle["p99"], 3) if idle["p99"] and p99 else None
+
+    ratios = {"api": ratio("api"), "opcua": ratio("opcua")}
     checked = guard.get("login_failures/api", 0) + guard.get("logins/api", 0)
     refused = {k.split("/")[-1]: v for k, v in guard.items() if k.startswith("login_refused/api/")}
     return {"benchmark": "login_attack", "machine": machine(), "model": str(model), "rate_hz": args.rate,
-            "stored_ms_idle": idle, "stored_ms_under_attack": attack, "p99_ratio": ratio,
-            "attack_seconds": round(attacked, 1), "dropped_frames": dropped,
-            "api": {**api_report, "password_checked": checked, "refused": refused},
-            "opcua": opc_report, "guard_counters": guard,
+            "stored_ms": {"idle": idle, "api_attack": percentiles(stored["api"]),
+                          "opcua_attack": percentiles(stored["opcua"])},
+            "p99_ratio": ratios, "dropped_frames": dropped,
+            "api": {**api_report, "seconds": api_s, "password_checked": checked, "refused": refused},
+            "opcua": {**opc_report, "seconds": opc_s}, "guard_counters": guard,
             "login_config": cfg.login.model_dump(),
-            "goal": "p99 under attack <= 1.5 x p99 idle", "goal_met": ratio is not None and ratio <= 1.5}
+            "goal": "p99 under each attack <= 1.5 x p99 idle",
+            "goal_met": all(r is not None and r <= 1.5 for r in ratios.values())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     line_arguments(parser)
     parser.add_argument("--rate", type=float, default=20.0, help="parts/s on the line")
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of the idle and the attack phase")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="length of the idle phase, and the least of the API attack")
     parser.add_argument("--sequential", type=int, default=300, help="sequential API guesses per round")
     parser.add_argument("--parallel", type=int, default=200, help="parallel API guesses per round")
     parser.add_argument("--opcua", type=int, default=25, help="OPC UA guesses")
     args = parser.parse_args()
     report = asyncio.run(run(args))
     write_result("login_attack", report)
-    i, a, api = report["stored_ms_idle"], report["stored_ms_under_attack"], report["api"]
-    print(f"idle:          p50 {i['p50']} ms  p99 {i['p99']} ms  (n={i['n']})")
-    print(f"under attack:  p50 {a['p50']} ms  p99 {a['p99']} ms  (n={a['n']})")
-    print(f"p99 ratio {report['p99_ratio']} (goal ≤ 1.5), dropped frames {report['dropped_frames']}")
-    print(f"API: {api['attempts']} guesses in {api['rounds']} round(s), answers {api['status']}; "
-          f"password checked {api['password_checked']}, refused {api['refused']}")
-    print(f"OPC UA: {report['opcua']['attempts']} guesses, answers {report['opcua']['outcomes']}")
-
+    api, opc = report["api"], report["opcua"]
+    for name, p in report["stored_ms"].items():
+        print(f"{name:<13} stored p50 {p['p50']} ms  p99 {p['p99']} ms  (n={p['n']})")
+    print(f"p99 ratios {report['p99_ratio']} (goal ≤ 1.5), dropped frames {report['dropped_frames']}, "
+          f"machine load {report['machine']['load_average_1m']}")
+    print(f"API: {api['attempts']} guesses in {api['rounds']} round(s), {api['seconds']} s, answers {api['status']}; "
+          f"password checked {api['password_checked']}, refused unchecked {api['refused']}")
+    print(f"OPC UA: {opc['attempts']} guesses in {opc['seconds']} s, answers {opc['outcomes']}")
 
 if __name__ == "__main__":
     main()
