@@ -119,6 +119,7 @@ def counters(daemon: Daemon) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     base, model, replay = line_and_model(args)
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine shows in every phase alike
     with tempfile.TemporaryDirectory(prefix="bench-login-") as tmp:
         cfg = bench_line(base, model, replay, Path(tmp) / "state", args.rate)
         port = free_port()
@@ -169,7 +170,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {"api": ratio("api"), "opcua": ratio("opcua")}
     checked = guard.get("login_failures/api", 0) + guard.get("logins/api", 0)
     refused = {k.split("/")[-1]: v for k, v in guard.items() if k.startswith("login_refused/api/")}
-    return {"benchmark": "login_attack", "machine": machine(), "model": str(model), "rate_hz": args.rate,
+    return {"benchmark": "login_attack", "machine": machine(), "load_average_1m_at_start": load_at_start,
+            "model": str(model), "rate_hz": args.rate,
             "stored_ms": {"idle": idle, "api_attack": percentiles(stored["api"]),
                           "opcua_attack": percentiles(stored["opcua"])},
             "p99_ratio": ratios, "dropped_frames": dropped,
@@ -196,7 +198,7 @@ def main() -> None:
     for name, p in report["stored_ms"].items():
         print(f"{name:<13} stored p50 {p['p50']} ms  p99 {p['p99']} ms  (n={p['n']})")
     print(f"p99 ratios {report['p99_ratio']} (goal ≤ 1.5), dropped frames {report['dropped_frames']}, "
-          f"machine load {report['machine']['load_average_1m']}")
+          f"machine load {report['load_average_1m_at_start']} → {report['machine']['load_average_1m']}")
     print(f"API: {api['attempts']} guesses in {api['rounds']} round(s), {api['seconds']} s, answers {api['status']}; "
           f"password checked {api['password_checked']}, refused unchecked {api['refused']}")
     print(f"OPC UA: {opc['attempts']} guesses in {opc['seconds']} s, answers {opc['outcomes']}")
