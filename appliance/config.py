@@ -311,9 +311,9 @@ class LoginConfig(Strict):
                     "longest-quiet entries that are not locked are forgotten first.")
     parallel_checks: int = Field(
         default=1, ge=1, le=16,
-        description="API password checks (argon2: slow by design) run at the same time, at "
-                    "background priority; the rest wait their turn, so an attack cannot take the line's "
-                    "cores.")
+        description="API password checks (argon2: slow by design) run at the same time, on threads that "
+                    "get a core only when the line leaves one idle (Linux SCHED_IDLE); the rest wait "
+                    "their turn, so an attack cannot take the line's cores.")
     max_waiting: int = Field(
         default=16, ge=0, le=10000,
         description="API log-ins waiting for a password check; beyond this they are answered 503 with "

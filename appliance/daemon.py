@@ -328,6 +328,7 @@ class Daemon:
             self.shadow = None
         self.archive.close()
         self.audit_trail.close()
+        self.login_guard.close()
         if self.analytics is not None:
             self.analytics.close()
             self.analytics = None

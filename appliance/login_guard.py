@@ -21,22 +21,23 @@ forgotten (a locked one only when a scan of the oldest finds none unlocked).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from appliance.auth import NAME as USER_NAME
 from appliance.config import LoginConfig
 from appliance.errors import UserError
 from appliance.part_text import loggable
+from appliance.priority import idle_this_thread
 
 if TYPE_CHECKING:
     from appliance.audit import AuditTrail
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 UNLOCK_DIR = "login-unlock"
 """Folder in ``state_dir`` where ``appliance user unlock NAME`` leaves a request (a file NAME)."""
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 EVICTION_SCAN = 32
 """Oldest entries looked at for an unlocked one to forget when a table is full."""
 KEY_CHARS = 128
@@ -81,8 +83,8 @@ class Refusal:
                 + (", or ask an admin to unlock it" if self.scope == "user" else ""))
 
 
-class LoginBusy(Exception):
-    """More API log-ins are waiting for a password check than ``max_waiting``."""
+class LoginRefused(Exception):
+    """An attempt refused before its password was checked: locked, backing off, or too many waiting."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message(""))
@@ -146,7 +148,8 @@ class LoginGuard:
         self.users: _Table[tuple[str, str]] = _Table(cfg.max_tracked)  # (channel, user name)
         self.sources: _Table[str] = _Table(cfg.max_tracked)
         self._relays = [ipaddress.ip_network(n, strict=False) for n in cfg.relay_sources]
-        self._checks = asyncio.Semaphore(cfg.parallel_checks)
+        self._slots = asyncio.Semaphore(cfg.parallel_checks)
+        self._checker = ThreadPoolExecutor(cfg.parallel_checks, "login-check", initializer=idle_this_thread)
         self._waiting = 0
 
     # -- before the password is checked ------------------------------------------------------------
@@ -175,22 +178,30 @@ class LoginGuard:
             return Refusal("backoff", scope, entry.retry_at - now)
         return None
 
-    @contextlib.asynccontextmanager
-    async def checking(self, channel: str) -> AsyncIterator[None]:
-        """Hold one of the ``parallel_checks`` password-check slots; LoginBusy when too many wait."""
-        if self._checks.locked() and self._waiting >= self.cfg.max_waiting:
+    async def check(self, channel: str, user: str, source: str | None, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, the password check, unless the attempt is refused (LoginRefused): it runs on
+        one of ``parallel_checks`` threads that get a core only when the line leaves one idle, and
+        at most ``max_waiting`` attempts wait for them."""
+        if refusal := self.refusal(channel, user, source):
+            raise LoginRefused(refusal)
+        if self._slots.locked() and self._waiting >= self.cfg.max_waiting:
             if self.metrics is not None:
                 self.metrics.login_refused.labels(channel, "busy").inc()
-            raise LoginBusy(Refusal("busy", "server", 1.0))
+            raise LoginRefused(Refusal("busy", "server", 1.0))
         self._waiting += 1
         try:
-            await self._checks.acquire()
+            await self._slots.acquire()
         finally:
             self._waiting -= 1
         try:
-            yield
+            if refusal := self.refusal(channel, user, source):  # a lock that landed while this one waited
+                raise LoginRefused(refusal)
+            return await asyncio.get_running_loop().run_in_executor(self._checker, fn, *args)
         finally:
-            self._checks.release()
+            self._slots.release()
+
+    def close(self) -> None:
+        self._checker.shutdown(wait=False, cancel_futures=True)
 
     # -- after it was checked ----------------------------------------------------------------------
     def succeeded(self, channel: str, user: str, source: str | None) -> None:

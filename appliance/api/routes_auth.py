@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from appliance.api.deps import Admin, Operator, daemon_of
 from appliance.auth import LastAdmin, Role
 from appliance.errors import UserError
-from appliance.login_guard import LoginBusy, Refusal
+from appliance.login_guard import LoginRefused, Refusal
 
 router = APIRouter(tags=["auth"])
 
@@ -47,15 +47,10 @@ async def login(body: LoginIn, request: Request) -> dict[str, Any]:
     daemon = daemon_of(request)
     guard, name = daemon.login_guard, body.username
     source = request.client.host if request.client else None
-    if refusal := guard.refusal("api", name, source):
-        raise _refused(refusal, name)
     try:
-        async with guard.checking("api"):
-            if refusal := guard.refusal("api", name, source):  # a lock that landed while this one waited
-                raise _refused(refusal, name)
-            who = await asyncio.to_thread(daemon.users.verify, name, body.password)
-    except LoginBusy as busy:
-        raise _refused(busy.refusal, name, 503) from None
+        who = await guard.check("api", name, source, daemon.users.verify, name, body.password)
+    except LoginRefused as refused:
+        raise _refused(refused.refusal, name) from None
     if who is None:
         if lock := guard.failed("api", name, source):
             raise _refused(lock, name)
@@ -65,7 +60,8 @@ async def login(body: LoginIn, request: Request) -> dict[str, Any]:
     return {"access_token": token, "user": who.name, "role": who.role, "expires_at": expires}
 
 
-def _refused(refusal: Refusal, name: str, status: int = 429) -> HTTPException:
+def _refused(refusal: Refusal, name: str) -> HTTPException:
+    status = 503 if refusal.reason == "busy" else 429
     return HTTPException(status, refusal.message(name),
                          headers={"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))})
 

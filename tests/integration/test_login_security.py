@@ -38,9 +38,15 @@ def api(daemon: Daemon, headers: dict[str, str] | None = None) -> httpx.AsyncCli
     return httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.api_port}/api/v1", headers=headers or {})
 
 
-def audit_rows(daemon: Daemon) -> list[tuple[str, str, str, str | None]]:
-    daemon.audit_trail.flush()
-    return [(e["user"], e["role"], e["action"], e["target"]) for e in reversed(daemon.store.audit_log(1000))]
+async def audit_rows(daemon: Daemon, logins: int) -> list[tuple[str, str, str, str | None]]:
+    """The audit table, once it holds ``logins`` login rows (the trail's own thread may be writing)."""
+    for _ in range(50):
+        daemon.audit_trail.flush()
+        rows = [(e["user"], e["role"], e["action"], e["target"]) for e in reversed(daemon.store.audit_log(1000))]
+        if sum(r[2].startswith("login") for r in rows) >= logins:
+            break
+        await asyncio.sleep(0.1)
+    return rows
 
 
 async def test_api_lockout_after_repeated_failures_and_the_ways_back_in(
@@ -59,7 +65,7 @@ async def test_api_lockout_after_repeated_failures_and_the_ways_back_in(
             by_operator = await client.post("/users/ana/unlock",
                                             headers={"Authorization": f"Bearer {right.json()['access_token']}"})
             metrics = (await client.get("/metrics")).text
-        rows = audit_rows(daemon)
+        rows = await audit_rows(daemon, 12)
     finally:
         await daemon.stop()
     assert [r.status_code for r in wrong] == [401] * 9 + [429] * 11
@@ -111,7 +117,7 @@ async def test_cli_unlock_backoff_password_change_and_the_last_admin(tmp_path: P
             second_admin = auth_headers(daemon, "admin", "second")
             removed = await client.delete("/users/boss", headers=second_admin)
             last = await client.delete("/users/second", headers=second_admin)
-        rows = audit_rows(daemon)
+        rows = await audit_rows(daemon, 8)
     finally:
         await daemon.stop()
     assert (first.status_code, second.status_code) == (401, 401)
@@ -161,7 +167,7 @@ async def test_opcua_lockout_refuses_the_right_password_and_is_audited(
     try:
         wrong = [await session(f"guess-{i}") for i in range(20)]
         right_while_locked = await session("plc-password-1")
-        rows = audit_rows(daemon)
+        rows = await audit_rows(daemon, 11)
         was_locked = daemon.login_guard.unlock("plc")
         right = await session("plc-password-1")
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from appliance.config import LoginConfig
 from appliance.errors import UserError
-from appliance.login_guard import UNLOCK_DIR, LoginBusy, LoginGuard, request_unlock
+from appliance.login_guard import UNLOCK_DIR, LoginGuard, LoginRefused, request_unlock
 from appliance.metrics import LineMetrics
 
 ATTACKER, OTHER = "10.0.0.66", "10.0.0.7"
@@ -204,27 +205,55 @@ def test_the_cli_unlock_request_is_honoured_once_and_only_for_a_lock_it_follows(
         request_unlock(tmp_path, "..")
 
 
-async def test_password_checks_are_bounded_and_the_queue_refuses_at_once() -> None:
+async def test_password_checks_are_bounded_idle_priority_and_the_queue_refuses_at_once() -> None:
     clock = Clock()
-    g = guard(clock, parallel_checks=1, max_waiting=2)
+    g = guard(clock, parallel_checks=1, max_waiting=2, backoff_base_s=0)
     running, most = 0, 0
-    release = asyncio.Event()
+    release = threading.Event()
 
-    async def attempt() -> str:
+    def password_check() -> int:
         nonlocal running, most
-        try:
-            async with g.checking("api"):
-                running += 1
-                most = max(most, running)
-                await release.wait()
-                running -= 1
-                return "checked"
-        except LoginBusy as busy:
-            return f"busy {busy.refusal.retry_after_s:.0f}"
+        running += 1
+        most = max(most, running)
+        release.wait(10)
+        running -= 1
+        return os.sched_getscheduler(0)
 
-    tasks = [asyncio.create_task(attempt()) for _ in range(6)]
-    await asyncio.sleep(0.01)
-    release.set()
-    outcomes = await asyncio.gather(*tasks)
+    async def attempt(i: int) -> str:
+        try:
+            policy = await g.check("api", f"user{i}", ATTACKER, password_check)
+            return "checked at idle priority" if policy == os.SCHED_IDLE else f"checked with policy {policy}"
+        except LoginRefused as refused:
+            return f"{refused.refusal.reason} {refused.refusal.retry_after_s:.0f}"
+
+    try:
+        tasks = [asyncio.create_task(attempt(i)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        release.set()
+        outcomes = await asyncio.gather(*tasks)
+    finally:
+        g.close()
     assert most == 1
-    assert sorted(outcomes) == ["busy 1"] * 3 + ["checked"] * 3, "one checking, two waiting, the rest refused"
+    assert sorted(outcomes) == ["busy 1"] * 3 + ["checked at idle priority"] * 3, \
+        "one checking, two waiting, the rest refused"
+
+
+async def test_a_lock_that_lands_while_an_attempt_waits_refuses_it_unchecked() -> None:
+    clock = Clock()
+    g = guard(clock, max_failures=2, backoff_base_s=0)
+    g.failed("api", "ana", None)
+    checked: list[str] = []
+
+    def wrong_password(attempt: str) -> None:
+        checked.append(attempt)
+        g.failed("api", "ana", None)  # as the route records it (here from the check's thread)
+
+    try:
+        first = asyncio.create_task(g.check("api", "ana", None, wrong_password, "first"))
+        second = asyncio.create_task(g.check("api", "ana", None, wrong_password, "second"))
+        await first
+        with pytest.raises(LoginRefused) as refused:
+            await second
+    finally:
+        g.close()
+    assert checked == ["first"] and refused.value.refusal.reason == "locked"
