@@ -100,6 +100,9 @@ def rows() -> list[tuple[str, str, str, str]]:
         api, opc, stored = p["api"], p["opcua"], p["stored_ms"]
         out += [("login_attack", f"stored p99 while {api['attempts']:,} API password guesses arrive / idle",
                  f"{ms(stored['api_attack'])} / {ms(stored['idle'])} (×{p['p99_ratio']['api']})", "≤ 1.5 ×"),
+                ("login_attack", f"stored p99 while the same HTTP requests arrive without a log-in "
+                                 f"({p['http_no_login']['attempts']:,}) / idle",
+                 f"{ms(stored['http_no_login'])} / {ms(stored['idle'])} (×{p['p99_ratio']['http']})", "–"),
                 ("login_attack", f"stored p99 while {opc['attempts']} OPC UA password guesses arrive / idle",
                  f"{ms(stored['opcua_attack'])} / {ms(stored['idle'])} (×{p['p99_ratio']['opcua']})", "≤ 1.5 ×"),
                 ("login_attack", "API guesses whose password was checked / refused unchecked (lockout, backoff, "
