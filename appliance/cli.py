@@ -376,6 +376,17 @@ def user_remove(name: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
     typer.echo(f"removed {name}")
 
 
+@users_app.command("unlock")
+def user_unlock(name: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Lift a user's log-in lock (after repeated failed log-ins) before it expires."""
+    from appliance.login_guard import request_unlock
+
+    cfg = _user_errors(lambda: load_config(config))
+    _user_errors(lambda: request_unlock(cfg.state_dir, name))
+    typer.echo(f"unlock of {name} requested: the running daemon lifts the lock at {name}'s next log-in "
+               "and records it in the audit trail")
+
+
 ApiOption = Annotated[str, typer.Option(help="The daemon's API base URL.")]
 UserOption = Annotated[str | None, typer.Option(help="Log in as this user (password asked for, or "
                                                      "$APPLIANCE_PASSWORD); or set APPLIANCE_API_TOKEN.")]

@@ -8,6 +8,7 @@ systemd credentials (see :mod:`appliance.secrets`).  Relative paths are resolved
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
@@ -326,6 +327,56 @@ class ReviewConfig(Strict):
                     "request.")
 
 
+class LoginConfig(Strict):
+    """Throttling of password log-ins, the same for the HTTP API and OPC UA (see docs/security.md)."""
+
+    max_failures: int = Field(
+        default=10, ge=2, le=1000,
+        description="Failed log-ins within window_s that lock the user name, and separately the source "
+                    "address, for lockout_s. A locked log-in is refused at once, without checking the "
+                    "password (HTTP 429 with Retry-After, OPC UA BadUserAccessDenied).")
+    window_s: float = Field(default=900, gt=0, le=86400,
+                            description="Failures older than this no longer count.")
+    lockout_s: float = Field(
+        default=900, gt=0, le=86400,
+        description="How long a lock lasts. An admin lifts a user's lock sooner: POST "
+                    "/api/v1/users/{name}/unlock, or `appliance user unlock NAME` on the appliance.")
+    backoff_after: int = Field(
+        default=3, ge=1, le=1000,
+        description="After this many failures, each further attempt must wait backoff_base_s, doubling "
+                    "with every failure up to backoff_max_s; earlier attempts are refused like locked ones.")
+    backoff_base_s: float = Field(default=1.0, ge=0, le=60, description="The first wait (0: no waits).")
+    backoff_max_s: float = Field(default=30, ge=0, le=3600, description="The longest wait.")
+    relay_sources: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="Addresses or networks that relay other people's log-ins (the dashboard, on this "
+                    "host): their failures count against the user names tried, never lock the address "
+                    "itself, so one person's typos cannot lock everybody out of the dashboard.")
+    max_tracked: int = Field(
+        default=4096, ge=16, le=1_000_000,
+        description="User names, and separately addresses, whose failures are remembered; beyond this the "
+                    "longest-quiet entries that are not locked are forgotten first.")
+    parallel_checks: int = Field(
+        default=1, ge=1, le=16,
+        description="API password checks (argon2: slow by design) run at the same time, on threads that "
+                    "get a core only when the line leaves one idle (Linux SCHED_IDLE); the rest wait "
+                    "their turn, so an attack cannot take the line's cores.")
+    max_waiting: int = Field(
+        default=16, ge=0, le=10000,
+        description="API log-ins waiting for a password check; beyond this they are answered 503 with "
+                    "Retry-After at once.")
+
+    @field_validator("relay_sources")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"'{entry}' is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8)") from None
+        return value
+
+
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = Field(default="info",
                                                                 description="Least severe level logged.")
@@ -356,6 +407,8 @@ class AppConfig(Strict):
                                description="The OPC UA server (Machine Vision companion specification).")
     modbus: ModbusConfig = Field(default_factory=lambda: ModbusConfig(enabled=False),
                                  description="The Modbus TCP server (register map in its own YAML file).")
+    login: LoginConfig = Field(default_factory=LoginConfig,
+                               description="Backoff and lockout after failed log-ins (HTTP API and OPC UA).")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="What the daemon logs, and how.")
 
     def resolve(self, path: Path) -> Path:

@@ -34,6 +34,7 @@ from appliance.errors import UserError
 from appliance.gate import GateVerdict, run_gate
 from appliance.image_health import ImageHealth
 from appliance.inference import BadImage, Classifier
+from appliance.login_guard import UNLOCK_DIR, LoginGuard
 from appliance.metrics import LineMetrics
 from appliance.part_text import loggable
 from appliance.priority import background_executor
@@ -225,6 +226,7 @@ class Daemon:
         self.shadow: ShadowRunner | None = None
         self.retrainer = Retrainer(self)
         self.metrics = LineMetrics()
+        self.login_guard = LoginGuard(config.login, self.audit_trail, self.metrics, config.state_dir / UNLOCK_DIR)
         self.image_health = ImageHealth(config.camera.health)
         self.waiting_for_review = {"hold": 0, "audit": 0}
         self.review_queue = ReviewQueue(self.store, config.disposition.heads, config.review.queue_max_age_s)
@@ -343,6 +345,7 @@ class Daemon:
             self.shadow = None
         self.archive.close()
         self.audit_trail.close()
+        self.login_guard.close()
         if self.analytics is not None:
             self.analytics.close()
             self.analytics = None

@@ -50,6 +50,16 @@ class LineMetrics:
             "appliance_plc_inputs_refused", "Part ids and batches a PLC wrote that were refused (outside the safe "
             "character set or too long; protocol: opcua/modbus, input: the input or method argument)",
             ["protocol", "input"], registry=r)
+        self.logins = Counter("appliance_logins", "Successful password log-ins (channel: api, opcua)", ["channel"],
+                              registry=r)
+        self.login_failures = Counter("appliance_login_failures", "Log-ins refused for a wrong user name or "
+                                      "password (channel: api, opcua)", ["channel"], registry=r)
+        self.login_lockouts = Counter("appliance_login_lockouts", "User names (scope=user) or addresses "
+                                      "(scope=source) locked after repeated failed log-ins", ["channel", "scope"],
+                                      registry=r)
+        self.login_refused = Counter(
+            "appliance_login_refused", "Log-ins refused before the password was checked (reason: locked, "
+            "backoff, busy: too many waiting for a check)", ["channel", "reason"], registry=r)
         self.modbus_refused = Counter(
             "appliance_modbus_refused_connections", "Modbus TCP connections refused by the server (reason: "
             "not_allowed, max_connections, per_client_limit)", ["reason"], registry=r)

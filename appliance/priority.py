@@ -30,6 +30,16 @@ def lower_this_thread(steps: int = BACKGROUND_NICE) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
 
 
+def idle_this_thread() -> None:
+    """Let the calling thread (and those it starts) run only when no other thread wants a core:
+    Linux's SCHED_IDLE, for work an outsider can make the daemon do at will (password checks);
+    where that is impossible, background priority."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        lower_this_thread()
+
+
 def background_executor(workers: int, name: str = "background") -> ThreadPoolExecutor:
     """A thread pool whose threads run at background priority."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=lower_this_thread)

@@ -40,7 +40,6 @@ import httpx
 import numpy as np
 
 from appliance.api.server import API_PREFIX
-from appliance.auth import Identity
 from appliance.config import AppConfig
 from appliance.daemon import Daemon
 from appliance.model_package import read_card
@@ -146,7 +145,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # the dashboards' user: argon2 hashing takes a few hundred ms of CPU, so it is made now,
             # in a worker thread, as the API does
             await asyncio.to_thread(daemon.users.set, "bench", "operator", secrets.token_urlsafe(16))
-            token, _ = daemon.tokens.issue(Identity("bench", "operator"))
+            bench_user = daemon.users.identity("bench")
+            assert bench_user is not None
+            token, _ = daemon.tokens.issue(bench_user)
             url = f"http://127.0.0.1:{daemon.api_port}{API_PREFIX}"
             # started (and its imports done) before anything is measured
             await asyncio.get_running_loop().run_in_executor(clients, api_requests, url, token, "/health", {},

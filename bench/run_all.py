@@ -24,8 +24,8 @@ from typing import Any
 from bench.common import RESULTS, machine
 from bench.plots import FIGURES
 
-BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "analytics", "elpv", "elpv_pooled",
-              "elpv_svm", "learning_curve", "active_learning")
+BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "login_attack", "analytics", "elpv",
+              "elpv_pooled", "elpv_svm", "learning_curve", "active_learning")
 COMMANDS = {"elpv_pooled": ["bench.elpv", "--recipe", "configs/recipes/elpv-pooled-300.yaml",
                             "--out", str(RESULTS / "elpv_pooled.json")]}
 """Benchmarks that are another one run with other arguments; the rest are ``python -m bench.<name>``."""
@@ -96,6 +96,17 @@ def rows() -> list[tuple[str, str, str, str]]:
         out += [("retrain_load", "stored p99 while retraining / idle",
                  f"{ms(p['stored_ms_while_retraining'])} / {ms(p['stored_ms_idle'])} (×{p['p99_ratio']})",
                  "≤ 1.5 ×")]
+    if p := load("login_attack"):
+        api, opc, stored = p["api"], p["opcua"], p["stored_ms"]
+        out += [("login_attack", f"stored p99 while {api['attempts']:,} API password guesses arrive / idle",
+                 f"{ms(stored['api_attack'])} / {ms(stored['idle'])} (×{p['p99_ratio']['api']})", "≤ 1.5 ×"),
+                ("login_attack", f"stored p99 while the same HTTP requests arrive without a log-in "
+                                 f"({p['http_no_login']['attempts']:,}) / idle",
+                 f"{ms(stored['http_no_login'])} / {ms(stored['idle'])} (×{p['p99_ratio']['http']})", "–"),
+                ("login_attack", f"stored p99 while {opc['attempts']} OPC UA password guesses arrive / idle",
+                 f"{ms(stored['opcua_attack'])} / {ms(stored['idle'])} (×{p['p99_ratio']['opcua']})", "≤ 1.5 ×"),
+                ("login_attack", "API guesses whose password was checked / refused unchecked (lockout, backoff, "
+                                 "queue full)", f"{api['password_checked']:,} / {sum(api['refused'].values()):,}", "–")]
     if p := load("analytics"):
         out.append(("analytics", f"slowest dashboard query at {p['results']:,} results",
                     f"{p['worst_dashboard_query_max_ms']} ms (max of runs)", f"≤ {p['goal_ms']} ms"))

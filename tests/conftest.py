@@ -104,9 +104,7 @@ def line_config(tmp_path: Path, state_dir: Path):
 
 def auth_headers(daemon: Any, role: str = "operator", name: str | None = None) -> dict[str, str]:
     """Create a user of ``role`` in the daemon's user store and return its bearer header."""
-    from appliance.auth import Identity
-
     name = name or f"test-{role}"
     daemon.users.set(name, role, f"{name}-password-123")
-    token, _ = daemon.tokens.issue(Identity(name, role))
+    token, _ = daemon.tokens.issue(daemon.users.identity(name))
     return {"Authorization": f"Bearer {token}"}

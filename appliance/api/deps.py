@@ -51,9 +51,10 @@ def require(role: Role) -> Callable[..., Awaitable[Identity]]:
                                 headers={"WWW-Authenticate": "Bearer"})
         daemon = daemon_of(request)
         who = daemon.tokens.check(creds.credentials)
-        # a removed user, or one whose role changed, loses access at once, not when the token expires
-        current = {u.name: u.role for u in daemon.users.list()} if who else {}
-        if who is None or current.get(who.name) != who.role:
+        # a removed user, or one whose role or password changed, loses access at once, not when the
+        # token expires
+        current = daemon.users.identity(who.name) if who else None
+        if who is None or current != who:
             raise HTTPException(401, "invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
         if not role_at_least(who.role, role):
             raise HTTPException(403, f"'{who.name}' is {who.role}; this needs the {role} role")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import math
 from datetime import datetime
 from typing import Any
 
@@ -11,10 +11,10 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from appliance.api.deps import Admin, Operator, daemon_of
-from appliance.auth import Role
+from appliance.auth import LastAdmin, Role
 from appliance.errors import UserError
+from appliance.login_guard import LoginRefused, Refusal
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["auth"])
 
 
@@ -36,17 +36,34 @@ class UserIn(BaseModel):
     password: str = Field(min_length=10, max_length=256)
 
 
-@router.post("/auth/token", response_model=TokenOut)
+@router.post("/auth/token", response_model=TokenOut,
+             responses={429: {"description": "too many failed log-ins: locked or backing off (Retry-After)"},
+                        503: {"description": "too many log-ins waiting for a password check (Retry-After)"}})
 async def login(body: LoginIn, request: Request) -> dict[str, Any]:
-    """Exchange a user name and password for a bearer token (valid 12 h)."""
+    """Exchange a user name and password for a bearer token (valid 12 h).
+
+    Repeated failures make a user name, or an address, wait and then lock it (config ``login``);
+    a refused attempt is answered at once, without checking the password."""
     daemon = daemon_of(request)
-    who = await asyncio.to_thread(daemon.users.verify, body.username, body.password)
+    guard, name = daemon.login_guard, body.username
+    source = request.client.host if request.client else None
+    try:
+        who = await guard.check("api", name, source, daemon.users.verify, name, body.password)
+    except LoginRefused as refused:
+        raise _refused(refused.refusal, name) from None
     if who is None:
-        log.warning("failed log-in for '%s' from %s", body.username,
-                    request.client.host if request.client else "?")
+        if lock := guard.failed("api", name, source):
+            raise _refused(lock, name)
         raise HTTPException(401, "wrong user name or password")
+    guard.succeeded("api", name, source)
     token, expires = daemon.tokens.issue(who)
     return {"access_token": token, "user": who.name, "role": who.role, "expires_at": expires}
+
+
+def _refused(refusal: Refusal, name: str) -> HTTPException:
+    status = 503 if refusal.reason == "busy" else 429
+    return HTTPException(status, refusal.message(name),
+                         headers={"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))})
 
 
 @router.get("/auth/me")
@@ -78,7 +95,19 @@ async def delete_user(name: str, who: Admin, request: Request) -> dict[str, str]
         raise HTTPException(422, "you cannot remove yourself")
     try:
         await asyncio.to_thread(daemon.users.remove, name)
+    except LastAdmin as exc:
+        raise HTTPException(422, str(exc)) from exc
     except UserError as exc:
         raise HTTPException(404, str(exc)) from exc
     await asyncio.to_thread(daemon.store.audit, who.name, who.role, "user.remove", name, {})
     return {"removed": name}
+
+
+@router.post("/users/{name}/unlock")
+async def unlock_user(name: str, who: Admin, request: Request) -> dict[str, Any]:
+    """Lift the log-in lock of a user (on the API and OPC UA) before it expires (admin)."""
+    daemon = daemon_of(request)
+    was_locked = daemon.login_guard.unlock(name)
+    await asyncio.to_thread(daemon.store.audit, who.name, who.role, "user.unlock", name,
+                            {"was_locked": was_locked})
+    return {"user": name, "was_locked": was_locked}

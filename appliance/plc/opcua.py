@@ -158,7 +158,7 @@ class OpcUaEndpoint:
                             f"{exc}") from exc
         audit = daemon.audit_trail
         iserver = SecureInternalServer(
-            AccountManager(accounts, allow_anonymous=cfg.insecure_commissioning), trust=self.pki.check,
+            AccountManager(accounts, cfg.insecure_commissioning, daemon.login_guard), trust=self.pki.check,
             audit=lambda user, action, peer, detail: audit.record(user, "opcua", action, peer, detail))
         iserver.allow_unsecured_sessions = cfg.insecure_commissioning
         iserver.max_connections = cfg.max_connections

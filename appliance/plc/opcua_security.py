@@ -48,6 +48,7 @@ from cryptography import x509
 from appliance.auth import write_private
 from appliance.config import OpcUaConfig
 from appliance.errors import UserError
+from appliance.login_guard import LoginGuard
 from appliance.part_text import loggable
 from appliance.plc.log_once import PerHost
 from appliance.plc.opcua_transport import QUIET_S, current_channel
@@ -144,11 +145,19 @@ def _read_credential(where: str, credentials_dir: Path | None, name: str) -> str
 
 
 class AccountManager(UserManager):
-    """Username/password logins against the loaded accounts; anonymous only when allowed."""
+    """Username/password logins against the loaded accounts; anonymous only when allowed.
 
-    def __init__(self, accounts: list[Account], allow_anonymous: bool = False) -> None:
+    With a :class:`LoginGuard`, repeated failures back off and lock the user name and the client's
+    address (shared with the API), and every log-in is audited and counted there.  asyncua calls
+    this on the event loop, so it stays cheap: a refused attempt is a table look-up, and the
+    passwords (secrets from the environment, not hashes) are compared in constant time.
+    """
+
+    def __init__(self, accounts: list[Account], allow_anonymous: bool = False,
+                 guard: LoginGuard | None = None) -> None:
         self._accounts = {a.name: a for a in accounts}
         self.allow_anonymous = allow_anonymous
+        self.guard = guard
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> User | None:
@@ -156,14 +165,26 @@ class AccountManager(UserManager):
             if self.allow_anonymous:
                 return ApplianceUser(role=UserRole.User, name="anonymous", access=READER)
             return None
-        account = self._accounts.get(username or "")
+        name, peer = username or "", _login_peer.get()
+        if self.guard is not None and self.guard.refusal("opcua", name, peer) is not None:
+            return None
+        account = self._accounts.get(name)
         expected = account.password if account is not None else secrets.token_urlsafe(12)
         given = password if isinstance(password, str) else ""
         # compared in constant time, and also for unknown names, so timing tells nothing
         if not hmac.compare_digest(expected.encode(), given.encode()) or account is None:
-            log.warning("OPC UA login refused for user %r", username)
+            if self.guard is not None:
+                self.guard.failed("opcua", name, peer)
+            else:
+                log.warning("OPC UA login refused for user %s", loggable(name))
             return None
+        if self.guard is not None:
+            self.guard.succeeded("opcua", name, peer)
         return ApplianceUser(role=UserRole.User, name=account.name, access=account.role)
+
+
+_login_peer: contextvars.ContextVar[str | None] = contextvars.ContextVar("opcua_login_peer", default=None)
+"""The address of the client whose user token is being checked (asyncua's get_user is not told)."""
 
 
 _caller: contextvars.ContextVar[User | None] = contextvars.ContextVar("opcua_caller", default=None)
@@ -221,8 +242,9 @@ class SecureSession(InternalSession):
             self._check_channel(peer_certificate or b"", channel.peer)
             result = super().activate_session(params, peer_certificate)
         except (ServiceError, ua.UaStatusCodeError) as exc:
-            self.iserver.audit(_token_user(params.UserIdentityToken), "opcua.session.refused", channel.peer,
-                               {"status": ua.StatusCode(ua.UInt32(exc.code)).name, **on})
+            if exc.code != ua.StatusCodes.BadUserAccessDenied:  # a wrong password: the login guard audits it
+                self.iserver.audit(_token_user(params.UserIdentityToken), "opcua.session.refused", channel.peer,
+                                   {"status": ua.StatusCode(ua.UInt32(exc.code)).name, **on})
             raise
         self.iserver.audit(self.user.name or "", "opcua.session", channel.peer,
                            {**on, "access": getattr(self.user, "access", None),
@@ -270,6 +292,13 @@ class SecureInternalServer(InternalServer):
         super().__init__(user_manager)
         self.trust, self.audit = trust, audit
         self.refusals = PerHost(log, quiet_s=QUIET_S)
+
+    def decrypt_user_token(self, isession: Any, token: ua.UserNameIdentityToken) -> tuple[str, str]:
+        """asyncua 2.1.0 calls this with the session just before ``user_manager.get_user``, which is
+        not told the client: the session's name is the client's (host, port), kept for get_user."""
+        peer = getattr(isession, "name", None)
+        _login_peer.set(str(peer[0]) if isinstance(peer, tuple) and peer else None)
+        return super().decrypt_user_token(isession, token)
 
     def create_session(self, name: str, user: User = User(role=UserRole.Anonymous),  # noqa: B008
                        external: bool = False) -> InternalSession:

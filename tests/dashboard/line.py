@@ -18,7 +18,6 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from appliance.auth import Identity
 from appliance.config import load_config
 from appliance.daemon import Daemon
 from appliance.registry import ModelRegistry
@@ -132,7 +131,7 @@ class Line:
         return f"http://127.0.0.1:{self.daemon.api_port}"
 
     def token(self, role: str) -> str:
-        token, _ = self.daemon.tokens.issue(Identity(USERS[role], role))  # type: ignore[arg-type]
+        token, _ = self.daemon.tokens.issue(self.daemon.users.identity(USERS[role]))
         return token
 
     def api(self, role: str) -> httpx.Client:

@@ -28,7 +28,7 @@ import duckdb
 import httpx
 import pytest
 
-from appliance.auth import Identity, TokenIssuer, UserStore
+from appliance.auth import TokenIssuer, UserStore
 from tests.brightness_model import GRADES
 from tests.conftest import free_port, write_grade_images
 from tests.reliability.conftest import HOST, DaemonProcess, ModbusPoller, config_file, record, sized
@@ -80,8 +80,9 @@ def test_kill9_at_random_points_loses_nothing_a_plc_saw(tmp_path: Path, line_con
                       store={"retention": {"pass": 0.0, "rework": 0.0, "reject": 0.0, "hold": 1.0,
                                            "min_free_mb": 0}},
                       modbus={"enabled": True, "host": HOST, "port": modbus_port})
-    UserStore(state_dir / "users.json").set("reliability", "operator", "reliability-password-1")
-    token, _ = TokenIssuer(state_dir / "api-secret").issue(Identity("reliability", "operator"))
+    users = UserStore(state_dir / "users.json")
+    users.set("reliability", "operator", "reliability-password-1")
+    token, _ = TokenIssuer(state_dir / "api-secret").issue(users.identity("reliability"))
     headers = {"Authorization": f"Bearer {token}"}
     (tmp_path / "logs").mkdir()
     daemon = DaemonProcess(config_file(tmp_path / "run.yaml", cfg), api_port, tmp_path / "logs")
