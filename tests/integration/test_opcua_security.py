@@ -28,7 +28,7 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from appliance.config import load_config
 from appliance.daemon import Daemon
-from bench.opcua_attacker import HOST, INPUTS, Identity, make_identity, secure_client, status_of, write_part_id
+from bench.attacker import HOST, INPUTS, Identity, make_identity, secure_client, status_of, write_part_id
 from tests.brightness_model import make_brightness_model
 from tests.conftest import DISPOSITION, free_port, write_grade_images, write_yaml
 

@@ -1,11 +1,15 @@
-"""An OPC UA attacker's client (asyncua), shared by bench/attack_replay.py and
-tests/integration/test_opcua_security.py: client identities, a SignAndEncrypt client whose
-CreateSession carries another certificate than its channel (the security review's trust-list
-bypass), and the Bad status a call ends in."""
+"""An attacker's clients, shared by bench/attack_replay.py and tests/integration/test_opcua_security.py.
+
+OPC UA (asyncua): client identities, a SignAndEncrypt client whose CreateSession carries another
+certificate than its channel (the security review's trust-list bypass), the Bad status a call ends
+in.  Modbus TCP: one raw request from a chosen source address, and its answer in a manual's words.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import struct
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +107,37 @@ async def status_of(call: Awaitable[Any]) -> str:
     except ua.UaStatusCodeError as exc:
         return ua.StatusCode(exc.code).name
     return "Good"
+
+
+def coil_on(address: int) -> bytes:
+    """FC 5: set one coil."""
+    return struct.pack(">BHH", 5, address, 0xFF00)
+
+
+def registers_text(address: int, registers: int, text: str) -> bytes:
+    """FC 16: ``text`` into ``registers`` string registers from ``address``, NUL-padded."""
+    return struct.pack(">BHHB", 16, address, registers, 2 * registers) + text.encode().ljust(2 * registers, b"\0")
+
+
+def mbap(pdu: bytes, unit: int = 1) -> bytes:
+    return struct.pack(">HHHB", 1, 0, len(pdu) + 1, unit) + pdu
+
+
+async def modbus_answer(reader: asyncio.StreamReader) -> str:
+    """"answered (FC nn)", "exception nn", or "closed without an answer" (reset or closed)."""
+    try:
+        head = await asyncio.wait_for(reader.readexactly(7), 5)
+        body = await asyncio.wait_for(reader.readexactly(struct.unpack(">H", head[4:6])[0] - 1), 5)
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return "closed without an answer"
+    return f"exception {body[1]:02X}" if body[0] & 0x80 else f"answered (FC {body[0]:02d})"
+
+
+async def modbus_request(port: int, pdu: bytes, unit: int = 1, source: str = HOST) -> str:
+    """One request over a new connection from ``source`` (any 127/8 address is this host on Linux)."""
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+    try:
+        writer.write(mbap(pdu, unit))
+        return await modbus_answer(reader)
+    finally:
+        writer.close()
