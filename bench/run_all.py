@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.attack_replay import table as attack_table
 from bench.common import RESULTS, machine
 from bench.plots import FIGURES
 
-BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "login_attack", "analytics", "elpv",
-              "elpv_pooled", "elpv_svm", "learning_curve", "active_learning")
+BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "login_attack", "attack_replay", "analytics",
+              "elpv", "elpv_pooled", "elpv_svm", "learning_curve", "active_learning")
 COMMANDS = {"elpv_pooled": ["bench.elpv", "--recipe", "configs/recipes/elpv-pooled-300.yaml",
                             "--out", str(RESULTS / "elpv_pooled.json")]}
 """Benchmarks that are another one run with other arguments; the rest are ``python -m bench.<name>``."""
@@ -107,6 +108,12 @@ def rows() -> list[tuple[str, str, str, str]]:
                  f"{ms(stored['opcua_attack'])} / {ms(stored['idle'])} (×{p['p99_ratio']['opcua']})", "≤ 1.5 ×"),
                 ("login_attack", "API guesses whose password was checked / refused unchecked (lockout, backoff, "
                                  "queue full)", f"{api['password_checked']:,} / {sum(api['refused'].values()):,}", "–")]
+    if p := load("attack_replay"):
+        failed = [f"{o['finding']}: {o['attack']}" for o in p["attacks"] if o["verdict"] != "PASS"]
+        out += [("attack_replay", "attacks of the security review (issue F) replayed on a running appliance: "
+                                  "answered as expected (table below)",
+                 f"{p['passed']} of {len(p['attacks'])}" + (f" (FAIL: {'; '.join(failed)})" if failed else ""),
+                 "all")]
     if p := load("analytics"):
         out.append(("analytics", f"slowest dashboard query at {p['results']:,} results",
                     f"{p['worst_dashboard_query_max_ms']} ms (max of runs)", f"≤ {p['goal_ms']} ms"))
@@ -150,6 +157,17 @@ def elpv_rows(name: str, p: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [(name, *row) for row in rows]
 
 
+def attack_section() -> list[str]:
+    """bench/attack_replay.py's table: each attack, what it got, and the audit rows it left."""
+    if not (p := load("attack_replay")):
+        return []
+    return ["## The security review's attacks, replayed", "",
+            f"`python -m bench.attack_replay`: one running appliance ({p['seconds']} s, machine load "
+            f"{p['load_average_1m_at_start']}); login settings the defaults except "
+            f"{p['login_changed_from_defaults']}. Finding numbers as in issue F.", "",
+            *attack_table(p["attacks"]), ""]
+
+
 def render() -> Path:
     lines = [
         "# Benchmark results",
@@ -163,6 +181,7 @@ def render() -> Path:
         "|---|---|---|---|",
         *(f"| {b} | {f} | {m} | {g} |" for b, f, m, g in rows()),
         "",
+        *attack_section(),
         *(f"![{fig.stem}]({fig.name})\n" for fig in (draw(load, RESULTS) for draw in FIGURES) if fig),
     ]
     path = RESULTS / "README.md"

@@ -18,102 +18,31 @@ reach the audit table.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from asyncua import Client, ua
-from asyncua.crypto.cert_gen import generate_private_key, generate_self_signed_app_certificate
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from appliance.config import load_config
 from appliance.daemon import Daemon
+from bench.attacker import HOST, INPUTS, Identity, make_identity, secure_client, status_of, write_part_id
 from tests.brightness_model import make_brightness_model
 from tests.conftest import DISPOSITION, free_port, write_grade_images, write_yaml
 
-HOST = "127.0.0.1"
 OPERATOR, PASSWORD = "plc-operator", "op-secret-1"
 GRADES = ["0", "2/3", "1/3", "1"]
-INPUTS = "VisionSystem.Inputs"
 RM = "VisionSystem.ResultManagement"
 
 
-@dataclass(frozen=True)
-class Identity:
-    uri: str
-    cert: Path
-    key: Path
-
-    @property
-    def der(self) -> bytes:
-        return self.cert.read_bytes()
-
-
-def _identity(folder: Path, name: str, uri: str | None = None) -> Identity:
-    key = generate_private_key()
-    uri = uri or f"urn:test:{name}"
-    cert = generate_self_signed_app_certificate(
-        key, f"{name} client", {"organizationName": "defect-appliance tests"},
-        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")], extended=[ExtendedKeyUsageOID.CLIENT_AUTH])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.der").write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    (folder / f"{name}-key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return Identity(uri, folder / f"{name}.der", folder / f"{name}-key.pem")
-
-
-Unset = object()
-
-
-async def _client(port: int, channel: Identity, server_cert: Path, *, app_uri: str | None = None,
-                  session_cert: Any = Unset) -> Client:
-    """A SignAndEncrypt client whose channel carries ``channel``'s certificate; ``session_cert``
-    replaces the ClientCertificate its CreateSession sends (None: no certificate) — the attack."""
-    client = Client(f"opc.tcp://{HOST}:{port}", timeout=10)
-    client.application_uri = app_uri or channel.uri
-    await client.set_security(SecurityPolicyBasic256Sha256, certificate=str(channel.cert), private_key=str(channel.key),
-                              server_certificate=str(server_cert), mode=ua.MessageSecurityMode.SignAndEncrypt)
-    client.set_user(OPERATOR)
-    client.set_password(PASSWORD)
-    if session_cert is not Unset:
-        create_session = client.uaclient.create_session
-
-        async def tampered(params: ua.CreateSessionParameters) -> ua.CreateSessionResult:
-            params.ClientCertificate = session_cert
-            return await create_session(params)
-
-        client.uaclient.create_session = tampered  # type: ignore[method-assign]
-    return client
-
-
 async def _attack(port: int, server_cert: Path, channel: Identity, **tamper: Any) -> str:
-    """Connect and write PartId; the status that stopped it, or "written"."""
-    client = await _client(port, channel, server_cert, **tamper)
-    try:
-        await client.connect()
-        app = (await client.get_namespace_array()).index("urn:defect-appliance:opcua")
-        await client.get_node(ua.NodeId(f"{INPUTS}.PartId", app)).write_value(
-            ua.Variant("EVIL-0001", ua.VariantType.String))
-        return "written"
-    except ua.UaStatusCodeError as exc:
-        return ua.StatusCode(exc.code).name
-    finally:
-        with contextlib.suppress(Exception):
-            await client.disconnect()
+    return await write_part_id(port, server_cert, channel, OPERATOR, PASSWORD, **tamper)
 
 
-async def _status(call: Any) -> str:
-    try:
-        await call
-    except ua.UaStatusCodeError as exc:
-        return ua.StatusCode(exc.code).name
-    return "Good"
+async def _client(port: int, channel: Identity, server_cert: Path) -> Client:
+    return await secure_client(port, channel, server_cert, OPERATOR, PASSWORD)
 
 
 async def _legitimate(port: int, plc: Identity, server_cert: Path, daemon: Daemon) -> dict[str, Any]:
@@ -126,22 +55,23 @@ async def _legitimate(port: int, plc: Identity, server_cert: Path, daemon: Daemo
         await batch.write_value(ua.Variant("LOT-7", ua.VariantType.String))
         await part_id.write_value(ua.Variant("SN-0001", ua.VariantType.String))
         out["part_id"], out["batch"] = daemon.context.part_id, daemon.context.batch
-        out["script_part_id"] = await _status(part_id.write_value(
+        out["script_part_id"] = await status_of(part_id.write_value(
             ua.Variant("<script>alert(document.cookie)</script>", ua.VariantType.String)))
-        out["iframe_batch"] = await _status(batch.write_value(
+        out["iframe_batch"] = await status_of(batch.write_value(
             ua.Variant('<iframe srcdoc="x">', ua.VariantType.String)))
-        out["formula_part_id"] = await _status(part_id.write_value(ua.Variant("=HYPERLINK(1)", ua.VariantType.String)))
+        out["formula_part_id"] = await status_of(part_id.write_value(
+            ua.Variant("=HYPERLINK(1)", ua.VariantType.String)))
         out["after_refusals"] = daemon.context.part_id, daemon.context.batch
         auto_path = "VisionSystem.VisionStateMachine.AutomaticModeStateMachine"
         auto = client.get_node(ua.NodeId(auto_path, app))
         null = [ua.Variant()] * 4 + [ua.Variant([], ua.VariantType.Variant)]
-        out["script_job"] = await _status(auto.call_method(
+        out["script_job"] = await status_of(auto.call_method(
             ua.NodeId(f"{auto_path}.StartSingleJob", app), ua.Variant(), ua.Variant("<b>x</b>", ua.VariantType.String),
             *null[2:]))
         await trigger.write_value(ua.Variant(True, ua.VariantType.Boolean))
         await daemon.wait_for_results(1, timeout=10)
         out["stored_part_id"] = daemon.latest.part_id if daemon.latest else None
-        out["trigger_mode"] = [await _status(auto.call_method(ua.NodeId(f"{auto_path}.{name}", app), *args))
+        out["trigger_mode"] = [await status_of(auto.call_method(ua.NodeId(f"{auto_path}.{name}", app), *args))
                                for name, args in (("StartContinuous", null), ("Stop", []))]
 
         rm = client.get_node(ua.NodeId(RM, app))
@@ -153,14 +83,14 @@ async def _legitimate(port: int, plc: Identity, server_cert: Path, daemon: Daemo
                                   ua.Variant(0, ua.VariantType.Int32))
 
         u32, i32 = ua.VariantType.UInt32, ua.VariantType.Int32
-        out["query_ok"] = await _status(query(ua.Variant(10, u32), ua.Variant(0, u32)))
+        out["query_ok"] = await status_of(query(ua.Variant(10, u32), ua.Variant(0, u32)))
         out["query_bad"] = {
-            "startIndex=-1": await _status(query(ua.Variant(10, u32), ua.Variant(-1, i32))),
-            "maxResults=-5": await _status(query(ua.Variant(-5, i32), ua.Variant(0, u32))),
-            "maxResults=2**40": await _status(query(ua.Variant(2 ** 40, ua.VariantType.Int64), ua.Variant(0, u32))),
-            "startIndex='3'": await _status(query(ua.Variant(10, u32), ua.Variant("3", ua.VariantType.String))),
-            "maxResults=1.5": await _status(query(ua.Variant(1.5, ua.VariantType.Double), ua.Variant(0, u32))),
-            "maxResults=true": await _status(query(ua.Variant(True, ua.VariantType.Boolean), ua.Variant(0, u32))),
+            "startIndex=-1": await status_of(query(ua.Variant(10, u32), ua.Variant(-1, i32))),
+            "maxResults=-5": await status_of(query(ua.Variant(-5, i32), ua.Variant(0, u32))),
+            "maxResults=2**40": await status_of(query(ua.Variant(2 ** 40, ua.VariantType.Int64), ua.Variant(0, u32))),
+            "startIndex='3'": await status_of(query(ua.Variant(10, u32), ua.Variant("3", ua.VariantType.String))),
+            "maxResults=1.5": await status_of(query(ua.Variant(1.5, ua.VariantType.Double), ua.Variant(0, u32))),
+            "maxResults=true": await status_of(query(ua.Variant(True, ua.VariantType.Boolean), ua.Variant(0, u32))),
         }
     return out
 
@@ -182,8 +112,8 @@ async def _scenario(root: Path) -> dict[str, Any]:
         "opcua": {"enabled": True, "host": HOST, "port": port, "users": [
             {"name": OPERATOR, "role": "operator", "password_env": "TEST_OPCUA_SEC_PW"}]},
     }))
-    plc, hmi, mallory = (_identity(root / "clients", name) for name in ("plc", "hmi", "mallory"))
-    plc_old = _identity(root / "clients", "plc-old", plc.uri)  # the PLC's previous certificate, still trusted
+    plc, hmi, mallory = (make_identity(root / "clients", name) for name in ("plc", "hmi", "mallory"))
+    plc_old = make_identity(root / "clients", "plc-old", plc.uri)  # the PLC's previous certificate, still trusted
     trusted = state / "pki" / "trusted"
     trusted.mkdir(parents=True)
     for ident in (plc, plc_old, hmi):
@@ -253,7 +183,7 @@ def test_part_text_outside_the_safe_set_is_refused_and_counted(run: dict[str, An
                                      ("opcua", "StartSingleJob.partId"): 1.0}
 
 
-def test_bad_query_arguments_get_a_proper_bad_status(run: dict[str, Any]) -> None:
+def test_bad_query_arguments_get_a_proper_badstatus_of(run: dict[str, Any]) -> None:
     legit = run["legitimate"]
     assert legit["query_ok"] == "Good"
     assert legit["query_bad"] == {
