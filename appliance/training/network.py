@@ -53,7 +53,10 @@ class Standardize(nn.Module):
         mean /= len(flat)
         std = np.sqrt(np.maximum(square / len(flat) - mean ** 2, 0.0))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("inv_std", torch.tensor(1.0 / np.maximum(std, 1e-6), dtype=torch.float32))
+        # A feature constant over the training rows carries nothing to learn; zeroed rather than
+        # divided by ~0, so that another value on the line cannot blow the input up.
+        inv_std = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0)
+        self.register_buffer("inv_std", torch.tensor(inv_std, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) * self.inv_std
