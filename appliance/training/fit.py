@@ -11,6 +11,7 @@ import torch
 
 from appliance.dataset import HeadSpec
 from appliance.training.losses import class_weights, head_loss
+from appliance.training.metrics import softmax
 from appliance.training.network import TrainNet
 from appliance.training.progress import Progress, progress_bar
 from appliance.training.recipe import TrainRecipe
@@ -58,13 +59,29 @@ def _score(logits: list[np.ndarray], y: np.ndarray, links: list[tuple[int, int]]
     for j, z in enumerate(logits):
         if j in conditioning:
             c = conditioning[j]
-            z = np.log(np.clip(mixture_np(torch.softmax(torch.from_numpy(logits[c]), 1).numpy(), z, 1.0),
-                               1e-12, None))
+            z = np.log(np.clip(mixture_np(softmax(logits[c]), z, 1.0), 1e-12, None))
         known = y[:, j] >= 0
         zk, yk = torch.from_numpy(z[known]), torch.from_numpy(y[known, j])
         accs.append(float((zk.argmax(1) == yk).float().mean()))
         nlls.append(float(torch.nn.functional.cross_entropy(zk, yk)))
     return float(np.mean(accs)), float(np.mean(nlls))
+
+
+def _loss_weights(heads: list[HeadSpec], y: np.ndarray,
+                  balance: float) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """Per head, its class weights; for a graded head, weights per (conditioning class, class)
+    cell instead, with each training row's cell (``{head index: cells}``)."""
+    weights, cell_of = [], {}
+    conditioning = dict(graded(heads))
+    for j, h in enumerate(heads):
+        if j in conditioning:
+            k = len(heads[conditioning[j]].classes)
+            group = cells(y[:, j], y[:, conditioning[j]], len(h.classes), k)
+            weights.append(class_weights(group, len(h.classes) * (k + 1), balance))
+            cell_of[j] = torch.from_numpy(group)
+        else:
+            weights.append(class_weights(y[:, j], len(h.classes), balance))
+    return weights, cell_of
 
 
 def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.ndarray,
@@ -82,13 +99,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     total = steps * recipe.epochs
     links = graded(heads)
     conditioning = dict(links)
-    groups = {j: cells(y_train[:, j], y_train[:, c], len(heads[j].classes), len(heads[c].classes))
-              for j, c in links}
-    weights = [class_weights(groups[j], len(h.classes) * (len(heads[conditioning[j]].classes) + 1),
-                             recipe.class_balance) if j in groups else
-               class_weights(y_train[:, j], len(h.classes), recipe.class_balance)
-               for j, h in enumerate(heads)]
-    cell_of = {j: torch.from_numpy(g) for j, g in groups.items()}
+    weights, cell_of = _loss_weights(heads, y_train, recipe.class_balance)
     optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                   lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = max(1, total // 20)
