@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from appliance.config import AppConfig
+from appliance.dataset import DatasetSpec
 from appliance.training.recipe import TrainRecipe
 
 HEADER = """# Configuration reference
@@ -158,7 +159,28 @@ recipe tuned on ELPV; the recipe is recorded in every model card. Generated from
 """
 
 
+DATASET = """
+# Dataset description (dataset.yaml)
+
+A dataset folder holds `labels.csv` (column `image`, one column per head, optional `split`) and,
+optionally, `dataset.yaml` with these keys; without it the heads are the other columns and their
+classes the sorted distinct values. Unknown keys are errors. A head graded `within` another, e.g.
+
+```yaml
+heads:
+  - {name: defect_type, classes: [ok, scratch, stain, crack]}
+  - {name: severity, classes: [none, minor, major, critical], ordinal: true, within: defect_type}
+```
+
+learns what makes a scratch major apart from what makes a stain major; the model still has one
+`severity_probs` output, so the line, the disposition table and the PLC codes treat it as any other
+head. Every class of `defect_type` needs training rows with a severity (label flawless parts
+`none`). Generated from `appliance/dataset.py`.
+"""
+
+
 def render() -> str:
     """The whole reference, as Markdown."""
     return (HEADER + "\n" + "\n".join(_sections(AppConfig, "", None)) + RECIPE + "\n"
-            + "\n".join(_sections(TrainRecipe, "", None, title="Recipe keys")))
+            + "\n".join(_sections(TrainRecipe, "", None, title="Recipe keys")) + DATASET + "\n"
+            + "\n".join(_sections(DatasetSpec, "", None, title="Dataset keys")))

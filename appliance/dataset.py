@@ -3,7 +3,8 @@
 A dataset is a folder with ``labels.csv``: column ``image`` (path relative to the folder), one
 column per head (empty = unknown for that head) and an optional ``split`` column
 (train/val/test).  An optional ``dataset.yaml`` fixes the heads, their class order, ``ordinal``
-for graded heads and ``parent`` for hierarchical ones.  Without it, heads are the non-reserved
+for graded heads, ``parent`` for hierarchical ones and ``within`` for a head graded within each
+class of another (severity within defect type).  Without it, heads are the non-reserved
 columns and their classes are the sorted distinct values.
 """
 
@@ -13,7 +14,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from appliance.errors import UserError
 from appliance.yamlio import load_validated
@@ -37,6 +38,15 @@ class HeadSpec(BaseModel):
         default_factory=dict,
         description="For a child head: each class name -> the parent-head class it belongs to.",
     )
+    within: str | None = Field(
+        default=None,
+        description="Grade this head within each class of the named head (e.g. severity within "
+                    "defect_type: a scratch is major by what makes a scratch major, a stain by what "
+                    "makes a stain major).  The network learns one set of this head's logits per class "
+                    "of that head; the model still outputs one probability vector for this head, "
+                    "P(class) = sum over t of P(t) * P(class | t).  The named head must not be graded "
+                    "within another itself; not combined with parent or line_frequencies.",
+    )
     line_frequencies: dict[str, float] = Field(
         default_factory=dict,
         description="How often each class occurs on the line (positive numbers, e.g. counts or "
@@ -49,6 +59,15 @@ class HeadSpec(BaseModel):
 
     @model_validator(mode="after")
     def _frequencies_cover_the_classes(self) -> HeadSpec:
+        if self.within is not None:
+            if self.within == self.name:
+                raise ValueError(f"within: head '{self.name}' cannot be graded within itself")
+            if self.parent:
+                raise ValueError(f"within: head '{self.name}' has both parent and within; a head is either "
+                                 "a subtype of a parent class or graded within a head's classes")
+            if self.line_frequencies:
+                raise ValueError(f"line_frequencies: not supported on '{self.name}', which is graded within "
+                                 f"'{self.within}'; give the line's mix to '{self.within}' instead")
         if self.line_frequencies:
             if set(self.line_frequencies) != set(self.classes):
                 raise ValueError(f"line_frequencies must name exactly the classes {self.classes}, "
@@ -59,6 +78,32 @@ class HeadSpec(BaseModel):
         return self
 
 
+def check_relations(heads: list[HeadSpec]) -> list[HeadSpec]:
+    """Raise ``ValueError`` naming the key when a head's ``within`` does not name a usable head.
+
+    A graded head's probabilities are a mixture computed after its conditioning head's, so the
+    conditioning head must not be graded itself (which also rules out cycles), and a graded head
+    cannot be the parent of a hierarchical one (masking reads the parent before any mixture)."""
+    names = [h.name for h in heads]
+    if len(set(names)) != len(names):
+        raise ValueError(f"head names must be unique, got {', '.join(names)}")
+    by_name = {h.name: h for h in heads}
+    for i, h in enumerate(heads):
+        if h.within is not None:
+            key = f"heads.{i}.within ('{h.name}')"
+            target = by_name.get(h.within)
+            if target is None:
+                raise ValueError(f"{key}: '{h.within}' is not a head of this dataset "
+                                 f"(heads: {', '.join(names)})")
+            if target.within is not None:
+                raise ValueError(f"{key}: '{h.within}' is itself graded within '{target.within}'; a head can "
+                                 "only be graded within a head that is not graded itself")
+        if h.parent is not None and h.parent in by_name and by_name[h.parent].within is not None:
+            raise ValueError(f"heads.{i}.parent ('{h.name}'): '{h.parent}' is graded within "
+                             f"'{by_name[h.parent].within}' and cannot be a parent")
+    return heads
+
+
 class DatasetSpec(BaseModel):
     """The contents of ``dataset.yaml``."""
 
@@ -67,6 +112,11 @@ class DatasetSpec(BaseModel):
     name: str | None = Field(default=None, description="A human name for the dataset.")
     heads: list[HeadSpec] = Field(min_length=1, description="The heads, in output order.")
     licence: str | None = Field(default=None, description="Licence of the images and labels.")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_relate(cls, heads: list[HeadSpec]) -> list[HeadSpec]:
+        return check_relations(heads)
 
 
 @dataclass(slots=True)

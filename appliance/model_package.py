@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.dataset import HeadSpec
+from appliance.dataset import HeadSpec, check_relations
 from appliance.errors import ModelRejected
 
 ONNX_FILE = "model.onnx"
@@ -57,6 +57,12 @@ class ModelCard(BaseModel):
         default=None, description="sha256 over the training rows (image path + labels)."
     )
     onnx_sha256: str = Field(description="sha256 of model.onnx; checked on every load.")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_relate(cls, heads: list[CardHead]) -> list[CardHead]:
+        check_relations(list(heads))
+        return heads
 
     def head(self, name: str) -> CardHead:
         for h in self.heads:

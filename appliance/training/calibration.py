@@ -3,41 +3,57 @@ logits; and the prior shift from the training set's class mix to the line's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from appliance.training.losses import class_weights
 from appliance.training.metrics import softmax
+from appliance.training.within import mixture_np
 
 T_MIN, T_MAX = 0.25, 10.0
 """Bounds on the temperature: a perfectly separated validation part would otherwise drive it
 towards 0 (infinitely confident outputs)."""
 
 
-def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
-    p = softmax(logits / t)
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature minimising the negative log-likelihood; 1.0 without samples.
+def _minimise(nll: Callable[[float], float]) -> float:
+    """The temperature in ``[T_MIN, T_MAX]`` minimising ``nll``.
 
     The NLL is unimodal in log T, so a coarse log grid followed by a golden-section search on
     the best bracket is enough and needs no optimiser library.
     """
-    if len(y) == 0:
-        return 1.0
     grid = np.geomspace(T_MIN, T_MAX, 61)
-    losses = [_nll(logits, y, t) for t in grid]
+    losses = [nll(t) for t in grid]
     i = int(np.argmin(losses))
     lo, hi = np.log(grid[max(i - 1, 0)]), np.log(grid[min(i + 1, len(grid) - 1)])
     ratio = (np.sqrt(5) - 1) / 2
     for _ in range(40):
         a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if _nll(logits, y, np.exp(a)) < _nll(logits, y, np.exp(b)):
+        if nll(np.exp(a)) < nll(np.exp(b)):
             hi = b
         else:
             lo = a
     return float(np.exp((lo + hi) / 2))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood; 1.0 without samples."""
+    if len(y) == 0:
+        return 1.0
+    return _minimise(lambda t: _nll(softmax(logits / t), y))
+
+
+def fit_mixture_temperature(cond_probs: np.ndarray, logits: np.ndarray, y: np.ndarray) -> float:
+    """For a head graded within another: the one temperature of its sub-heads that minimises the
+    NLL of the mixture the graph outputs (``cond_probs``: the conditioning head's calibrated
+    probabilities); 1.0 without samples."""
+    if len(y) == 0:
+        return 1.0
+    return _minimise(lambda t: _nll(mixture_np(cond_probs, logits, t), y))
 
 
 def prior_shift(y: np.ndarray, classes: list[str], balance: float,

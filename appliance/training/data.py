@@ -55,7 +55,8 @@ def label_matrix(samples: list[Sample], heads: list[HeadSpec]) -> np.ndarray:
 
 
 def check_trainable(dataset: Dataset, rows: Rows, y_train: np.ndarray, y_val: np.ndarray) -> None:
-    """Raise :class:`UserError` unless every head has two classes to learn and a validation part."""
+    """Raise :class:`UserError` unless every head has two classes to learn and a validation part,
+    and every class a head is graded within has rows with that head's label."""
     where = dataset.root / "labels.csv"
     if not rows.train:
         raise UserError(f"{where}: no training rows (split 'train' or empty)")
@@ -69,6 +70,14 @@ def check_trainable(dataset: Dataset, rows: Rows, y_train: np.ndarray, y_val: np
                             "training rows")
         if not (y_val[:, j] >= 0).any():
             raise UserError(f"{where}: head '{head.name}' has no labelled validation rows")
+        if head.within is not None:  # every sub-head needs rows to learn from
+            c = [h.name for h in dataset.heads].index(head.within)
+            labelled = np.unique(y_train[:, c][(y_train[:, j] >= 0) & (y_train[:, c] >= 0)])
+            bare = [cls for i, cls in enumerate(dataset.heads[c].classes) if i not in labelled]
+            if bare:
+                raise UserError(f"{where}: head '{head.name}' is graded within '{head.within}', but no "
+                                f"training row of {head.within} {', '.join(repr(b) for b in bare)} has a "
+                                f"'{head.name}' label; label them (e.g. with the lowest grade)")
 
 
 def fingerprint(dataset: Dataset, samples: list[Sample]) -> str:

@@ -161,7 +161,7 @@ def evaluate_model(model: Path, data: Path, split: str | None = None) -> EvalRep
             classes=list(head.classes), ordinal=head.ordinal,
             confusion=confusion_matrix(y, predicted, len(head.classes)),
             ece=expected_calibration_error(p, y),
-            ece_uncalibrated=None if head.parent or head.line_frequencies else
+            ece_uncalibrated=None if head.parent or head.within or head.line_frequencies else
             expected_calibration_error(without_temperature(p, head.temperature), y),
             confidence=p.max(axis=1), correct=predicted == y,
         )

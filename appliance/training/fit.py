@@ -11,9 +11,11 @@ import torch
 
 from appliance.dataset import HeadSpec
 from appliance.training.losses import class_weights, head_loss
+from appliance.training.metrics import softmax
 from appliance.training.network import TrainNet
 from appliance.training.progress import Progress, progress_bar
 from appliance.training.recipe import TrainRecipe
+from appliance.training.within import cells, graded, mixture_np, training_logits
 
 EVAL_BATCH = 256
 CHANNELS_LAST = torch.channels_last
@@ -49,15 +51,37 @@ def logits_of(net: TrainNet, features: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate(p).reshape(len(features), -1, p[0].shape[1]).mean(axis=0) for p in parts]
 
 
-def _score(logits: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
-    """(mean accuracy over heads, mean NLL over heads) on the labelled rows."""
+def _score(logits: list[np.ndarray], y: np.ndarray, links: list[tuple[int, int]]) -> tuple[float, float]:
+    """(mean accuracy over heads, mean NLL over heads) on the labelled rows; a graded head (in
+    ``links``) is scored by its mixture, as the deployed graph outputs it."""
     accs, nlls = [], []
+    conditioning = dict(links)
     for j, z in enumerate(logits):
+        if j in conditioning:
+            c = conditioning[j]
+            z = np.log(np.clip(mixture_np(softmax(logits[c]), z, 1.0), 1e-12, None))
         known = y[:, j] >= 0
         zk, yk = torch.from_numpy(z[known]), torch.from_numpy(y[known, j])
         accs.append(float((zk.argmax(1) == yk).float().mean()))
         nlls.append(float(torch.nn.functional.cross_entropy(zk, yk)))
     return float(np.mean(accs)), float(np.mean(nlls))
+
+
+def _loss_weights(heads: list[HeadSpec], y: np.ndarray,
+                  balance: float) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
+    """Per head, its class weights; for a graded head, weights per (conditioning class, class)
+    cell instead, with each training row's cell (``{head index: cells}``)."""
+    weights, cell_of = [], {}
+    conditioning = dict(graded(heads))
+    for j, h in enumerate(heads):
+        if j in conditioning:
+            k = len(heads[conditioning[j]].classes)
+            group = cells(y[:, j], y[:, conditioning[j]], len(h.classes), k)
+            weights.append(class_weights(group, len(h.classes) * (k + 1), balance))
+            cell_of[j] = torch.from_numpy(group)
+        else:
+            weights.append(class_weights(y[:, j], len(h.classes), balance))
+    return weights, cell_of
 
 
 def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.ndarray,
@@ -73,8 +97,9 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
     # optimisation steps as one with thousands (10 steps of 64 would leave the top untrained).
     steps = max(n // batch, math.ceil(recipe.min_steps / recipe.epochs))
     total = steps * recipe.epochs
-    weights = [class_weights(y_train[:, j], len(h.classes), recipe.class_balance)
-               for j, h in enumerate(heads)]
+    links = graded(heads)
+    conditioning = dict(links)
+    weights, cell_of = _loss_weights(heads, y_train, recipe.class_balance)
     optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                   lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = max(1, total // 20)
@@ -97,8 +122,10 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 view = rng.integers(0, n_views, size=len(idx))
                 logits = net(_batch(train_x[view, idx]))
                 loss: torch.Tensor = sum(  # type: ignore[assignment]
-                    head_loss(z, targets[idx, j], weights[j], heads[j].ordinal, recipe.ordinal_weight,
-                              recipe.label_smoothing)
+                    head_loss(training_logits(z, logits[conditioning[j]], targets[idx, conditioning[j]])
+                              if j in conditioning else z,
+                              targets[idx, j], weights[j], heads[j].ordinal, recipe.ordinal_weight,
+                              recipe.label_smoothing, cell_of[j][idx] if j in cell_of else None)
                     for j, z in enumerate(logits)
                 )
                 optimiser.zero_grad(set_to_none=True)
@@ -107,7 +134,7 @@ def fit(net: TrainNet, heads: list[HeadSpec], train_x: np.ndarray, y_train: np.n
                 schedule.step()
                 running += float(loss.detach())
                 bar.update(1)
-            acc, nll = _score(logits_of(net, val_x), y_val)
+            acc, nll = _score(logits_of(net, val_x), y_val, links)
             result.history.append({"epoch": epoch, "train_loss": round(running / max(steps, 1), 4),
                                    "val_accuracy": round(acc, 4), "val_nll": round(nll, 4)})
             result.epochs_run = epoch

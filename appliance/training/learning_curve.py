@@ -8,7 +8,8 @@ scored on the dataset's untouched test split.  Other heads' labels ride along on
 With ``line_mix`` the head is given the class mix of the whole training split as its
 ``line_frequencies`` (unless the dataset already sets them): a subset with as many images of every
 class would otherwise make the model flag rare classes far too often on a line where most parts
-are good.
+are good.  A head graded ``within`` another takes no line mix of its own (its mixture follows the
+conditioning head's probabilities), so it is trained as the dataset says.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def with_line_mix(dataset: Dataset, head: str) -> list[HeadSpec]:
     train = dataset.split("train")
     return [h.model_copy(update={"line_frequencies": {c: max(1, sum(1 for s in train if s.labels.get(h.name) == c))
                                                       for c in h.classes}})
-            if h.name == head and not h.line_frequencies else h for h in dataset.heads]
+            if h.name == head and not h.line_frequencies and h.within is None else h for h in dataset.heads]
 
 
 def check(dataset: Dataset, head: str) -> None:

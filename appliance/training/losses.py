@@ -17,8 +17,11 @@ def class_weights(y: np.ndarray, n_classes: int, balance: float) -> torch.Tensor
 
 
 def head_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, ordinal: bool,
-              ordinal_weight: float, label_smoothing: float) -> torch.Tensor:
-    """Mean loss over the samples labelled for this head (label -1 = unknown, masked out)."""
+              ordinal_weight: float, label_smoothing: float, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over the samples labelled for this head (label -1 = unknown, masked out).
+
+    ``weights`` is indexed by each sample's class, or by its entry in ``groups`` when given
+    (e.g. the (type, severity) cell of a head graded within another)."""
     known = target >= 0
     if not bool(known.any()):
         return logits.sum() * 0.0
@@ -29,5 +32,5 @@ def head_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
         grades = torch.arange(n, dtype=z.dtype)
         distance = (grades[None, :] - t[:, None].to(z.dtype)).abs() / (n - 1)
         loss = loss + ordinal_weight * (torch.softmax(z, dim=1) * distance).sum(dim=1)
-    w = weights[t]
+    w = weights[t if groups is None else groups[known]]
     return (w * loss).sum() / w.sum().clamp_min(1e-12)

@@ -18,6 +18,7 @@ from torch import nn
 
 from appliance.training.backbone import ARCHITECTURE, FEATURES, PooledTrunk, Top, Trunk, load_backbone
 from appliance.training.preprocess import Preprocess
+from appliance.training.within import mixture
 
 
 class TrainNet(nn.Module):
@@ -52,7 +53,10 @@ class Standardize(nn.Module):
         mean /= len(flat)
         std = np.sqrt(np.maximum(square / len(flat) - mean ** 2, 0.0))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("inv_std", torch.tensor(1.0 / np.maximum(std, 1e-6), dtype=torch.float32))
+        # A feature constant over the training rows carries nothing to learn; zeroed rather than
+        # divided by ~0, so that another value on the line cannot blow the input up.
+        inv_std = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 0.0)
+        self.register_buffer("inv_std", torch.tensor(inv_std, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) * self.inv_std
@@ -119,13 +123,18 @@ class ExportNet(nn.Module):
     A hierarchical (child) head is made consistent with its parent in the graph: its
     probabilities are restricted to the classes of the predicted parent class and renormalised
     (a child whose parent class has no child classes keeps its unrestricted output).
+
+    A head graded within another (``graded``: ``(head, conditioning head)`` pairs) outputs the
+    mixture of its sub-heads (each ``softmax(logits / temperature)``, one temperature shared by
+    the sub-heads) weighted by the conditioning head's final probabilities.
     """
 
     inv_temperature: torch.Tensor
 
     def __init__(self, frozen: FrozenPart, net: TrainNet, temperatures: list[float], shifts: list[list[float]],
                  links: list[tuple[int, int, torch.Tensor]] | None = None,
-                 flips: Sequence[tuple[bool, bool]] = ((False, False),)) -> None:
+                 flips: Sequence[tuple[bool, bool]] = ((False, False),),
+                 graded: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.frozen = frozen
         self.net = net
@@ -136,6 +145,7 @@ class ExportNet(nn.Module):
             for shift in shifts
         )
         self.links = [(i, j) for i, j, _ in links or []]
+        self.graded = list(graded or [])
         for k, (_, _, allowed) in enumerate(links or []):
             self.register_buffer(f"allowed_{k}", allowed)
 
@@ -146,7 +156,9 @@ class ExportNet(nn.Module):
             x = self.frozen.preprocess(image)
             views = self.net(self.frozen.trunk(torch.cat([flipped(x, h, v) for h, v in self.flips])))
             logits = [z.reshape(len(self.flips), -1, z.shape[1]).mean(dim=0) for z in views]
-        probs = [torch.softmax(z * self.inv_temperature[i] + self.shifts[i], dim=1) for i, z in enumerate(logits)]
+        mixed = {j for j, _ in self.graded}
+        probs = [z if i in mixed else torch.softmax(z * self.inv_temperature[i] + self.shifts[i], dim=1)
+                 for i, z in enumerate(logits)]
         for k, (child, parent) in enumerate(self.links):
             allowed: torch.Tensor = getattr(self, f"allowed_{k}")
             top = probs[parent] >= probs[parent].max(dim=1, keepdim=True).values
@@ -155,6 +167,8 @@ class ExportNet(nn.Module):
             masked = probs[child] * mask
             total = masked.sum(dim=1, keepdim=True)
             probs[child] = torch.where(total > 0, masked / total.clamp_min(1e-12), probs[child])
+        for j, c in self.graded:  # after the masks: the conditioning head's final probabilities
+            probs[j] = mixture(probs[c], logits[j], self.inv_temperature[j])
         return tuple(probs)
 
 

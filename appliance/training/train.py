@@ -29,7 +29,7 @@ from appliance.model_package import (
     write_card,
 )
 from appliance.training.backbone import ARCHITECTURE
-from appliance.training.calibration import fit_temperature, prior_shift
+from appliance.training.calibration import fit_mixture_temperature, fit_temperature, prior_shift
 from appliance.training.data import (
     Rows,
     check_trainable,
@@ -54,6 +54,7 @@ from appliance.training.network import ExportNet, TrainNet, build, build_pooled,
 from appliance.training.progress import Progress
 from appliance.training.quantize import quantize_if_accurate
 from appliance.training.recipe import TrainRecipe
+from appliance.training.within import graded, mixture_np, output_widths
 
 VERIFY_IMAGES = 4
 
@@ -79,7 +80,7 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
     load = loader(layout)
 
     torch.manual_seed(recipe.seed)
-    classes = [len(h.classes) for h in heads]
+    classes = output_widths(heads)
     if recipe.method == "pooled_features":
         frozen = build_pooled(layout, recipe.image_size, recipe.pooled_blocks)
     else:
@@ -110,7 +111,7 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
     mark = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     model = ExportNet(frozen, net, temperatures, [s.tolist() for s in shifts], hierarchy(heads),
-                      [(v.flip_h, v.flip_v) for v in judged]).eval()
+                      [(v.flip_h, v.flip_v) for v in judged], graded(heads)).eval()
     onnx_path = out / ONNX_FILE
     export_onnx(model, onnx_path, layout, recipe.image_size, [output_name(h.name) for h in heads])
     max_diff = verify_onnx(model, onnx_path, _verification_batches(val_paths, load), threads)
@@ -140,7 +141,8 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
             "seconds": {k: round(v, 1) for k, v in seconds.items()},
             "counts": {"train": len(rows.train), "val": len(rows.val), "test_untouched": rows.held_out,
                        "views": len(view_list), "inference_views": len(judged),
-                       "classes": _class_counts(heads, y_train)},
+                       "classes": _class_counts(heads, y_train),
+                       **({"within": _cell_counts(heads, y_train)} if graded(heads) else {})},
             "validation": rows.val_source,
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
@@ -161,25 +163,39 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
 
 def _calibrate(dataset: Dataset, rows: Rows, logits: list[np.ndarray],
                y_val: np.ndarray) -> tuple[list[float], dict]:
-    """Per-head temperatures and the validation metrics before/after calibration."""
-    temperatures: list[float] = []
+    """Per-head temperatures and the validation metrics before/after calibration.
+
+    A graded head's temperature (shared by its sub-heads) is fitted on its mixture under the
+    conditioning head's calibrated probabilities, so the heads it is graded within come first."""
+    temperatures = [1.0] * len(dataset.heads)
     per_head: dict[str, dict] = {}
-    for j, head in enumerate(dataset.heads):
+    conditioning = dict(graded(dataset.heads))
+    order = sorted(range(len(dataset.heads)), key=lambda j: j in conditioning)
+    for j in order:
+        head = dataset.heads[j]
         known = y_val[:, j] >= 0
         z, y = logits[j][known], y_val[known, j]
-        t = fit_temperature(z, y)
-        temperatures.append(t)
-        m = confusion_matrix(y, z.argmax(axis=1), len(head.classes))
+        if j in conditioning:
+            c = conditioning[j]
+            cond = softmax(logits[c][known] / temperatures[c])
+            t = fit_mixture_temperature(cond, z, y)
+            before, after = mixture_np(softmax(logits[c][known]), z, 1.0), mixture_np(cond, z, t)
+        else:
+            t = fit_temperature(z, y)
+            before, after = softmax(z), softmax(z / t)
+        temperatures[j] = t
+        m = confusion_matrix(y, after.argmax(axis=1), len(head.classes))
         per_head[head.name] = {
             "accuracy": round(accuracy(m), 4),
             "macro_f1": round(macro_f1(m), 4),
-            "ece_uncalibrated": round(expected_calibration_error(softmax(z), y), 4),
-            "ece": round(expected_calibration_error(softmax(z / t), y), 4),
+            "ece_uncalibrated": round(expected_calibration_error(before, y), 4),
+            "ece": round(expected_calibration_error(after, y), 4),
             "n": int(known.sum()),
             "classes": list(head.classes),
             "recall": recall_by_class(m, head.classes, digits=4),
             "confusion": m.tolist(),
         }
+    per_head = {h.name: per_head[h.name] for h in dataset.heads}  # in head order
     return temperatures, {"split": "val", "source": rows.val_source, "heads": per_head}
 
 
@@ -187,6 +203,19 @@ def _class_counts(heads: list[HeadSpec], y: np.ndarray) -> dict[str, dict[str, i
     return {h.name: dict(zip(h.classes, np.bincount(y[:, j][y[:, j] >= 0], minlength=len(h.classes)).tolist(),
                              strict=True))
             for j, h in enumerate(heads)}
+
+
+def _cell_counts(heads: list[HeadSpec], y: np.ndarray) -> dict[str, dict[str, dict[str, int]]]:
+    """Per graded head: training rows per (conditioning class, class) cell, the rows each sub-head
+    learns from."""
+    out = {}
+    for j, c in graded(heads):
+        n = len(heads[j].classes)
+        both = (y[:, j] >= 0) & (y[:, c] >= 0)
+        counts = np.bincount(y[both, c] * n + y[both, j], minlength=len(heads[c].classes) * n).reshape(-1, n)
+        out[heads[j].name] = {t: dict(zip(heads[j].classes, row.tolist(), strict=True))
+                              for t, row in zip(heads[c].classes, counts, strict=True)}
+    return out
 
 
 def _verification_batches(paths: list[Path], load: Callable[[Path], np.ndarray]) -> list[np.ndarray]:
