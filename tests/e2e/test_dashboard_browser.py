@@ -21,10 +21,8 @@ from tests.e2e.browser import (
     ROOT,
     VIEWPORT,
     go,
-    launch,
     log_out,
     screenshot,
-    serve_dashboard,
     settle,
 )
 from tests.e2e.browser import log_in as browser_log_in
@@ -43,22 +41,6 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture(scope="module")
-def dashboard(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve_dashboard(line.url, tmp_path_factory.mktemp("streamlit") / "streamlit.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with playwright_api.sync_playwright() as p:
-        chromium = launch(p)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def shot(page: object, name: str, height: int | None = None) -> None:

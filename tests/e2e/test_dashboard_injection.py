@@ -21,10 +21,8 @@ from tests.e2e.browser import (
     ROOT,
     VIEWPORT,
     go,
-    launch,
     log_in,
     screenshot,
-    serve_dashboard,
     settle,
 )
 
@@ -51,22 +49,6 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture(scope="module")
-def dashboard(line: Line, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with serve_dashboard(line.url, tmp_path_factory.mktemp("streamlit") / "streamlit.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with playwright_api.sync_playwright() as p:
-        chromium = launch(p)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def injected(page: Any) -> dict[str, Any]:
