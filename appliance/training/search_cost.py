@@ -1,0 +1,191 @@
+"""What a candidate recipe will cost before it runs, and what its exported model costs the line.
+
+A short calibration on this machine measures three rates on the user's own images: onnxruntime
+seconds per multiply-accumulate of the frozen network (feature extraction, image decoding
+included), bs1 milliseconds per multiply-accumulate with the daemon's thread settings (the line's
+latency), and torch seconds per multiply-accumulate of a training step of fine-tuned blocks.  A
+candidate's cost is then its multiply-accumulates (counted per block of the network at its
+resolution) times those rates; the search corrects the rates with what finished candidates took.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from appliance.config import ModelConfig
+from appliance.inference import Classifier
+from appliance.model_package import INPUT_NAME
+from appliance.training.backbone import load_backbone
+from appliance.training.data import Layout
+from appliance.training.export import export_onnx, session
+from appliance.training.features import View, inference_views
+from appliance.training.network import build, build_pooled
+from appliance.training.recipe import NUM_BLOCKS, TrainRecipe
+
+CALIBRATION_IMAGES = 8
+CALIBRATION_SIDE = 160
+LATENCY_RUNS = 100
+LATENCY_ROUNDS = 3
+DAEMON_THREADS: int = ModelConfig.model_fields["intra_op_threads"].default
+"""The line judges each part on this many onnxruntime threads (``model.intra_op_threads``)."""
+EXPORT_S = 4.0
+"""Exporting, checking and loading a model package at 224 px, before correction."""
+
+LatencyFn = Callable[[Path, list[np.ndarray], float | None], dict[str, float]]
+"""(package, images, limit in ms) → ``p50_ms``, ``p99_ms``, …: how a candidate's latency is measured."""
+
+
+def block_macs(side: int) -> list[float]:
+    """Multiply-accumulates of one image: ``[stem, block 0 … block 15, head conv]``."""
+    net = load_backbone(side).eval()
+    parts = [net._conv_stem, *net._blocks, net._conv_head]
+    counts = [0.0] * len(parts)
+    hooks = []
+    for k, part in enumerate(parts):
+        for m in part.modules():
+            if isinstance(m, nn.Conv2d):
+                def count(mod: nn.Conv2d, _: object, out: torch.Tensor, k: int = k) -> None:
+                    kh, kw = mod.kernel_size
+                    counts[k] += out.numel() * mod.in_channels / mod.groups * kh * kw
+                hooks.append(m.register_forward_hook(count))
+    with torch.no_grad():
+        net.extract_features(torch.zeros(1, 3, side, side))
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+@dataclass(slots=True)
+class CostModel:
+    """Rates measured by :func:`calibrate`; ``correction`` scales each stage by what runs took."""
+
+    extract_s_per_mac: float
+    latency_ms_per_mac: float
+    train_s_per_mac: float
+    calibration_s: float
+    correction: dict[str, list[float]] = field(default_factory=lambda: {"features": [], "train": [], "export": []})
+    _macs: dict[int, list[float]] = field(default_factory=dict)
+
+    def macs(self, side: int) -> list[float]:
+        if side not in self._macs:
+            self._macs[side] = block_macs(side)
+        return self._macs[side]
+
+    def _frozen_macs(self, r: TrainRecipe) -> float:
+        m = self.macs(r.image_size)
+        return sum(m) if r.method == "pooled_features" else sum(m[:1 + r.frozen_blocks])
+
+    def _factor(self, stage: str) -> float:
+        seen = self.correction[stage]
+        return float(np.clip(np.median(seen), 0.3, 5.0)) if seen else 1.0
+
+    def stages(self, r: TrainRecipe, n_train: int, n_val: int, missing_views: tuple[int, int]) -> dict[str, float]:
+        """Estimated seconds per stage (``features`` only for the views not cached yet)."""
+        m = self.macs(r.image_size)
+        frozen = self._frozen_macs(r)
+        new = missing_views[0] * n_train + missing_views[1] * n_val
+        features = new * frozen * self.extract_s_per_mac + (EXPORT_S / 2 if new else 0.0)
+        batch = min(r.batch_size, n_train)
+        steps = max(n_train // batch, math.ceil(r.min_steps / r.epochs)) * r.epochs
+        judged = len(inference_views(r))
+        if r.method == "pooled_features":
+            # A few matrix products per step: charge each step like a 1-image pass of the head conv.
+            train = steps * m[-1] * self.train_s_per_mac + r.epochs * n_val * judged * m[-1] * self.extract_s_per_mac
+        else:
+            top = sum(m[1 + r.frozen_blocks:])
+            train = (steps * batch + r.epochs * n_val * judged / 3) * top * self.train_s_per_mac
+        export = EXPORT_S * (r.image_size / 224) ** 2 + self.latency_ms(r) * LATENCY_RUNS * 1e-3
+        return {"features": features * self._factor("features"), "train": train * self._factor("train"),
+                "export": export * self._factor("export")}
+
+    def latency_ms(self, r: TrainRecipe) -> float:
+        """Estimated bs1 latency of the exported model on the daemon's threads."""
+        return sum(self.macs(r.image_size)) * len(inference_views(r)) * self.latency_ms_per_mac
+
+    def learn(self, estimate: dict[str, float], seconds: dict[str, float]) -> None:
+        """Fold a finished candidate's real stage seconds into the corrections."""
+        for stage, correction in self.correction.items():
+            if estimate.get(stage, 0) > 0.5 and stage in seconds:
+                correction.append(seconds[stage] / (estimate[stage] / self._factor(stage)))
+
+
+def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Path], threads: int,
+              side: int = CALIBRATION_SIDE) -> CostModel:
+    """Measure the rates on ``CALIBRATION_IMAGES`` of the user's training images at ``side`` px."""
+    started = time.perf_counter()
+    macs = block_macs(side)
+    frozen = build_pooled(layout, side, [NUM_BLOCKS - 1])
+    picked = paths[:: max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
+        onnx = Path(tmp) / "trunk.onnx"
+        export_onnx(frozen, onnx, layout, side, ["features"])
+        sess = session(onnx, threads)
+        first = load(picked[0])
+        sess.run(None, {INPUT_NAME: first[None]})  # warm-up
+        t = time.perf_counter()
+        images = [im for im in map(load, picked) if im.shape == first.shape]
+        sess.run(None, {INPUT_NAME: View(flip_h=True).apply(np.stack(images))})
+        extract_s = (time.perf_counter() - t) / len(images)
+        one = session(onnx, DAEMON_THREADS)
+        times = []
+        for _ in range(12):
+            t = time.perf_counter()
+            one.run(None, {INPUT_NAME: first[None]})
+            times.append(time.perf_counter() - t)
+    train_s_per_mac = _train_rate(layout, side, macs)
+    return CostModel(extract_s_per_mac=extract_s / sum(macs),
+                     latency_ms_per_mac=float(np.median(times[2:])) * 1e3 / sum(macs),
+                     train_s_per_mac=train_s_per_mac, calibration_s=time.perf_counter() - started,
+                     _macs={side: macs})
+
+
+def _train_rate(layout: Layout, side: int, macs: list[float], frozen_blocks: int = 13, batch: int = 16) -> float:
+    """Seconds per multiply-accumulate of a fine-tuning step (forward, backward, update)."""
+    frozen, net = build(layout, side, frozen_blocks, [2], 0.2, 0.2)
+    with torch.no_grad():
+        maps = frozen.trunk(torch.zeros(batch, 3, side, side))
+    optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+    net.train()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        loss = net(maps)[0].sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        times.append(time.perf_counter() - t)
+    return min(times[1:]) / (batch * sum(macs[1 + frozen_blocks:]))
+
+
+def measure_latency(package: Path, images: list[np.ndarray], limit_ms: float | None = None) -> dict[str, float]:
+    """bs1 latency of the package through the line's :class:`Classifier` with the daemon's default
+    threads: p50 and p99 of ``LATENCY_RUNS`` runs on real images.  Up to ``LATENCY_ROUNDS`` rounds
+    are run until one meets ``limit_ms``; the quietest round is reported, so that another process
+    briefly loading the machine does not rule a model out."""
+    classifier = Classifier(package, intra_op_threads=DAEMON_THREADS)
+    conformed = [classifier.conform(im) for im in images]
+    best: dict[str, float] | None = None
+    for _ in range(LATENCY_ROUNDS):
+        times = []
+        for i in range(LATENCY_RUNS):
+            t = time.perf_counter()
+            classifier.classify(conformed[i % len(conformed)])
+            times.append((time.perf_counter() - t) * 1e3)
+        a = np.array(times)
+        got = {"p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2)}
+        if best is None or got["p99_ms"] < best["p99_ms"]:
+            best = got
+        if limit_ms is None or best["p99_ms"] <= limit_ms:
+            break
+    assert best is not None
+    return {**best, "runs": LATENCY_RUNS, "batch": 1, "threads": DAEMON_THREADS}
+
