@@ -37,11 +37,11 @@ from appliance.training.candidates import SCORE, Candidate, plan, profile, refin
 from appliance.training.data import check_trainable, detect_layout, label_matrix, loader, select_rows
 from appliance.training.features import FeatureCache, inference_views, trunk_key, views
 from appliance.training.recipe import TrainRecipe
-from appliance.training.search_cost import DAEMON_THREADS, CostModel, LatencyFn, calibrate, measure_latency
+from appliance.training.search_cost import CLOCK_NAME, DAEMON_THREADS, CostModel, LatencyFn, calibrate, measure_latency
 from appliance.training.train import train_model
 
-LATENCY_SKIP = 1.5
-"""A candidate whose estimated latency is this many times the limit is not trained."""
+LATENCY_SKIP = 1.2
+"""A candidate whose estimated (median) latency is this many times the limit is not trained."""
 FINISH_S = 1.0
 """Kept back for moving the winner into place."""
 LATENCY_IMAGES = 20
@@ -99,7 +99,8 @@ def search_and_train(data: Path, out: Path, budget_s: float = 600.0, max_latency
     layout = detect_layout(train_paths + val_paths)
     load = loader(layout)
     stage_one = list(candidates) if candidates is not None else plan(prof)
-    say(f"search: budget {budget_s:.0f} s, latency ≤ {max_latency_ms:g} ms (bs1 p99, {DAEMON_THREADS} thread); "
+    say(f"search: budget {budget_s:.0f} s, latency ≤ {max_latency_ms:g} ms (bs1 p99 {CLOCK_NAME}, {DAEMON_THREADS} "
+        "thread); "
         f"{prof.train_images} training / {prof.val_images} validation images ({rows.val_source}), "
         f"{rows.held_out} test images not read; short side {prof.side} px, {prof.classes} classes at most")
     threads = torch.get_num_threads()
@@ -125,7 +126,7 @@ def search_and_train(data: Path, out: Path, budget_s: float = 600.0, max_latency
             shutil.move(item, out / item.name)
     card.version = new_version(salt=str(out.resolve()))
     total = time.perf_counter() - started
-    card.training["latency"] = search.latencies[winner.name]
+    card.training["latency"] = {**search.latencies[winner.name], "clock": CLOCK_NAME}
     card.training["search"] = {
         "budget_s": budget_s, "max_latency_ms": max_latency_ms, "score": SCORE, "validation": rows.val_source,
         "test_rows_untouched": rows.held_out, "profile": asdict(prof), "calibration_s": round(cost.calibration_s, 1),
