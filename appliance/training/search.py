@@ -28,13 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from appliance.dataset import load_dataset
 from appliance.errors import UserError
 from appliance.model_package import ModelCard, new_version, write_card
 from appliance.training.candidates import SCORE, Candidate, plan, profile, refinements, validation_score
-from appliance.training.data import check_trainable, detect_layout, label_matrix, loader, select_rows
+from appliance.training.data import Layout, check_trainable, detect_layout, label_matrix, loader, select_rows
 from appliance.training.features import FeatureCache, inference_views, trunk_key, views
 from appliance.training.recipe import TrainRecipe
 from appliance.training.search_cost import CLOCK_NAME, DAEMON_THREADS, CostModel, LatencyFn, calibrate, measure_latency
@@ -104,38 +105,49 @@ def search_and_train(data: Path, out: Path, budget_s: float = 600.0, max_latency
         f"{prof.train_images} training / {prof.val_images} validation images ({rows.val_source}), "
         f"{rows.held_out} test images not read; short side {prof.side} px, {prof.classes} classes at most")
     threads = torch.get_num_threads()
-    cost = calibrate(layout, load, train_paths, threads, side=min(c.recipe.image_size for c in stage_one))
-    say(f"calibration: {cost.calibration_s:.1f} s")
-    if budget_s < cost.calibration_s + _cheapest(cost, stage_one, prof.train_images, prof.val_images):
-        need = cost.calibration_s + _cheapest(cost, stage_one, prof.train_images, prof.val_images)
-        raise UserError(f"--budget {budget_s:.0f}s is too small for this dataset: the cheapest recipe needs about "
-                        f"{need:.0f} s here; give a larger --budget or a --recipe")
-
-    search = _Search(data, parent_version, say, cost, FeatureCache(), latency, max_latency_ms, deadline,
-                     [load(p) for p in val_paths[:LATENCY_IMAGES]], layout, (train_paths, val_paths))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".search-", dir=out.parent) as tmp:
-        search.run(stage_one, Path(tmp))
-        if candidates is None and search.best is not None:
-            search.run(refinements(search.best[0], prof), Path(tmp), rank=len(stage_one))
-        if search.best is None:
-            raise UserError(search.nothing_chosen())
-        winner, package, card = search.best
-        out.mkdir(parents=True, exist_ok=True)
-        for item in package.iterdir():
-            shutil.move(item, out / item.name)
+    try:  # the calibration picks the threads for the search
+        search = _calibrated(data, parent_version, say, layout, load, (train_paths, val_paths), stage_one,
+                             latency, max_latency_ms, deadline, budget_s - (time.perf_counter() - started))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".search-", dir=out.parent) as tmp:
+            search.run(stage_one, Path(tmp))
+            if candidates is None and search.best is not None:
+                search.run(refinements(search.best[0], prof), Path(tmp), rank=len(stage_one))
+            if search.best is None:
+                raise UserError(search.nothing_chosen())
+            winner, package, card = search.best
+            out.mkdir(parents=True, exist_ok=True)
+            for item in package.iterdir():
+                shutil.move(item, out / item.name)
+    finally:
+        torch.set_num_threads(threads)
     card.version = new_version(salt=str(out.resolve()))
     total = time.perf_counter() - started
     card.training["latency"] = {**search.latencies[winner.name], "clock": CLOCK_NAME}
     card.training["search"] = {
         "budget_s": budget_s, "max_latency_ms": max_latency_ms, "score": SCORE, "validation": rows.val_source,
-        "test_rows_untouched": rows.held_out, "profile": asdict(prof), "calibration_s": round(cost.calibration_s, 1),
+        "test_rows_untouched": rows.held_out, "profile": asdict(prof),
+        "calibration": {"seconds": round(search.cost.calibration_s, 1), "threads": search.cost.threads},
         "candidates": search.records, "winner": winner.name, "seconds": round(total, 1),
     }
     write_card(out, card)
     say(f"winner: {winner.name} (validation score {validation_score(card.metrics):.4f}, "
         f"p99 {card.training['latency']['p99_ms']} ms); search took {total:.0f} s of {budget_s:.0f}")
     return card
+
+
+def _calibrated(data: Path, parent_version: str | None, say: Say, layout: Layout, load: Callable[[Path], np.ndarray],
+                paths: tuple[list[Path], list[Path]], stage_one: list[Candidate], latency: LatencyFn,
+                limit_ms: float, deadline: float, left: float) -> _Search:
+    """Calibrate the cost model; refuse a budget that cannot fit the cheapest candidate."""
+    cost = calibrate(layout, load, paths[0], side=min(c.recipe.image_size for c in stage_one))
+    say(f"calibration: {cost.calibration_s:.1f} s, {cost.threads} training thread(s)")
+    need = cost.calibration_s + _cheapest(cost, stage_one, len(paths[0]), len(paths[1]))
+    if left < need:
+        raise UserError(f"--budget is too small for this dataset: the cheapest recipe needs about {need:.0f} s "
+                        "here; give a larger --budget or a --recipe")
+    return _Search(data, parent_version, say, cost, FeatureCache(), latency, limit_ms, deadline,
+                   [load(p) for p in paths[1][:LATENCY_IMAGES]], layout, paths)
 
 
 def _cheapest(cost: CostModel, candidates: Sequence[Candidate], n_train: int, n_val: int) -> float:
@@ -198,14 +210,16 @@ class _Search:
                                progress=_Watch(self.deadline, estimate["export"], self.say), features=self.cache)
         except OutOfBudget as exc:
             shutil.rmtree(package, ignore_errors=True)
-            return self._skip(record, "stopped", str(exc))
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            return self._skip(record, "stopped", f"{exc} (after {record['seconds']:.0f} s)")
         lat = self.latency(package, self.images, self.limit_ms)
         seconds = time.perf_counter() - started
         stages = dict(card.training["seconds"])
         stages["export"] = stages.get("export", 0.0) + seconds - stages["total"]  # + loading and latency runs
         self.cost.learn(estimate, stages)
         score = validation_score(card.metrics)
-        record.update(seconds=round(seconds, 1), score=round(score, 4), latency_ms=lat,
+        record.update(seconds=round(seconds, 1), stage_seconds={k: round(v, 1) for k, v in stages.items()},
+                      score=round(score, 4), latency_ms=lat,
                       val={h: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
                            for h, m in card.metrics["heads"].items()})
         self.latencies[candidate.name] = lat
@@ -215,7 +229,8 @@ class _Search:
             return self._skip(record, "over latency", f"score {score:.4f} ({heads}) but p99 {lat['p99_ms']} ms > "
                                                       f"{self.limit_ms:g} ms; {seconds:.0f} s")
         record["status"] = "done"
-        self.say(f"  [{candidate.name}] score {score:.4f} ({heads}), p99 {lat['p99_ms']} ms, {seconds:.0f} s")
+        self.say(f"  [{candidate.name}] score {score:.4f} ({heads}), p99 {lat['p99_ms']} ms, {seconds:.0f} s "
+                 f"({', '.join(f'{k} {v:.0f}' for k, v in record['stage_seconds'].items())})")
         key = (score, -order)
         if self._best_key is None or key > self._best_key:
             if self.best is not None:
@@ -228,7 +243,7 @@ class _Search:
     def nothing_chosen(self) -> str:
         over = [(r["latency_ms"]["p99_ms"] if "latency_ms" in r else r["estimated_latency_ms"], r["name"])
                 for r in self.records if r.get("status") == "over latency"]
-        if over:
+        if len(over) == len(self.records):
             ms, name = min(over)
             return (f"no recipe meets --max-latency-ms {self.limit_ms:g}: the fastest, {name}, needs {ms} ms "
                     "(bs1 p99, measured or estimated); allow more latency or give a --recipe")

@@ -24,7 +24,7 @@ from torch import nn
 from appliance.config import ModelConfig
 from appliance.inference import Classifier
 from appliance.model_package import INPUT_NAME
-from appliance.training.backbone import load_backbone
+from appliance.training.backbone import FEATURES, load_backbone
 from appliance.training.data import Layout
 from appliance.training.export import export_onnx, session
 from appliance.training.features import View, inference_views
@@ -49,8 +49,9 @@ LatencyFn = Callable[[Path, list[np.ndarray], float | None], dict[str, float]]
 """(package, images, limit in ms) → ``p50_ms``, ``p99_ms``, …: how a candidate's latency is measured."""
 
 
-def block_macs(side: int) -> list[float]:
-    """Multiply-accumulates of one image: ``[stem, block 0 … block 15, head conv]``."""
+def block_macs(side: int) -> tuple[list[float], list[int]]:
+    """Multiply-accumulates of one image, ``[stem, block 0 … block 15, head conv]``, and the output
+    channels of each block."""
     net = load_backbone(side).eval()
     parts = [net._conv_stem, *net._blocks, net._conv_head]
     counts = [0.0] * len(parts)
@@ -66,7 +67,7 @@ def block_macs(side: int) -> list[float]:
         net.extract_features(torch.zeros(1, 3, side, side))
     for h in hooks:
         h.remove()
-    return counts
+    return counts, [b._block_args.output_filters for b in net._blocks]
 
 
 @dataclass(slots=True)
@@ -76,13 +77,19 @@ class CostModel:
     extract_s_per_mac: float
     latency_ms_per_mac: float
     train_s_per_mac: float
+    """Fine-tuned blocks: forward, backward and update, per multiply-accumulate of the forward."""
+    dense_s_per_mac: float
+    """The same for the MLP on pooled vectors."""
+    threads: int
+    """torch and onnxruntime threads that trained fastest here (see :func:`calibrate`)."""
+    channels: list[int]
     calibration_s: float
     correction: dict[str, list[float]] = field(default_factory=lambda: {"features": [], "train": [], "export": []})
     _macs: dict[int, list[float]] = field(default_factory=dict)
 
     def macs(self, side: int) -> list[float]:
         if side not in self._macs:
-            self._macs[side] = block_macs(side)
+            self._macs[side] = block_macs(side)[0]
         return self._macs[side]
 
     def _frozen_macs(self, r: TrainRecipe) -> float:
@@ -103,8 +110,9 @@ class CostModel:
         steps = max(n_train // batch, math.ceil(r.min_steps / r.epochs)) * r.epochs
         judged = len(inference_views(r))
         if r.method == "pooled_features":
-            # A few matrix products per step: charge each step like a 1-image pass of the head conv.
-            train = steps * m[-1] * self.train_s_per_mac + r.epochs * n_val * judged * m[-1] * self.extract_s_per_mac
+            width = sum(3 * self.channels[b] for b in set(r.pooled_blocks)) + 2 * FEATURES
+            dense = width * r.hidden_units + (r.hidden_units or width) * 16
+            train = (steps * batch + r.epochs * n_val * judged / 3) * dense * self.dense_s_per_mac
         else:
             top = sum(m[1 + r.frozen_blocks:])
             train = (steps * batch + r.epochs * n_val * judged / 3) * top * self.train_s_per_mac
@@ -123,17 +131,25 @@ class CostModel:
                 correction.append(seconds[stage] / (estimate[stage] / self._factor(stage)))
 
 
-def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Path], threads: int,
+def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Path],
               side: int = CALIBRATION_SIDE) -> CostModel:
-    """Measure the rates on ``CALIBRATION_IMAGES`` of the user's training images at ``side`` px."""
+    """Measure the rates on ``CALIBRATION_IMAGES`` of the user's training images at ``side`` px.
+
+    Sets torch's threads (which onnxruntime's extraction follows) to what trained fastest: all
+    cores on an idle machine, one where other jobs keep the cores busy and OpenMP threads that
+    wait for each other run several times slower."""
     started = time.perf_counter()
-    macs = block_macs(side)
+    macs, channels = block_macs(side)
+    threads = {n: _train_rates(layout, side, macs, n) for n in sorted({1, torch.get_num_threads()})}
+    best = min(threads, key=lambda n: threads[n][0])
+    torch.set_num_threads(best)
+    train_s_per_mac, dense_s_per_mac = threads[best]
     frozen = build_pooled(layout, side, [NUM_BLOCKS - 1])
     picked = paths[:: max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
         onnx = Path(tmp) / "trunk.onnx"
         export_onnx(frozen, onnx, layout, side, ["features"])
-        sess = session(onnx, threads)
+        sess = session(onnx, best)
         first = load(picked[0])
         sess.run(None, {INPUT_NAME: first[None]})  # warm-up
         t = time.perf_counter()
@@ -146,29 +162,38 @@ def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Pa
             t = CLOCK()
             one.run(None, {INPUT_NAME: first[None]})
             times.append(CLOCK() - t)
-    train_s_per_mac = _train_rate(layout, side, macs)
     return CostModel(extract_s_per_mac=extract_s / sum(macs),
                      latency_ms_per_mac=float(np.median(times[2:])) * 1e3 / sum(macs),
-                     train_s_per_mac=train_s_per_mac, calibration_s=time.perf_counter() - started,
-                     _macs={side: macs})
+                     train_s_per_mac=train_s_per_mac, dense_s_per_mac=dense_s_per_mac, threads=best,
+                     channels=channels, calibration_s=time.perf_counter() - started, _macs={side: macs})
 
 
-def _train_rate(layout: Layout, side: int, macs: list[float], frozen_blocks: int = 13, batch: int = 16) -> float:
-    """Seconds per multiply-accumulate of a fine-tuning step (forward, backward, update)."""
+def _train_rates(layout: Layout, side: int, macs: list[float], threads: int, frozen_blocks: int = 13,
+                 batch: int = 16) -> tuple[float, float]:
+    """Seconds per multiply-accumulate of a training step (forward, backward, update) on ``threads``:
+    of fine-tuned blocks, and of an MLP on pooled vectors."""
+    torch.set_num_threads(threads)
     frozen, net = build(layout, side, frozen_blocks, [2], 0.2, 0.2)
     with torch.no_grad():
         maps = frozen.trunk(torch.zeros(batch, 3, side, side))
-    optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
-    net.train()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        loss = net(maps)[0].sum()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        times.append(time.perf_counter() - t)
-    return min(times[1:]) / (batch * sum(macs[1 + frozen_blocks:]))
+    width, hidden = 2 * FEATURES, 512
+    mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 2))
+    vectors = torch.randn(8 * batch, width)
+    rates = []
+    for model, x, per_sample in ((net, maps, sum(macs[1 + frozen_blocks:])), (mlp, vectors, width * hidden)):
+        optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        model.train()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            out = model(x)
+            loss = (out[0] if isinstance(out, list) else out).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            times.append(time.perf_counter() - t)
+        rates.append(min(times[1:]) / (len(x) * per_sample))
+    return rates[0], rates[1]
 
 
 def measure_latency(package: Path, images: list[np.ndarray], limit_ms: float | None = None) -> dict[str, float]:
