@@ -107,6 +107,10 @@ class FeatureCache:
     def __init__(self) -> None:
         self._store: dict[tuple[Hashable, int, View], np.ndarray] = {}
 
+    def keep_only(self, key: Hashable) -> None:
+        """Forget every trunk's features but ``key``'s (memory: one trunk's maps can be large)."""
+        self._store = {k: v for k, v in self._store.items() if k[0] == key}
+
     def missing(self, key: Hashable, paths: Sequence[Path], view_list: Sequence[View]) -> list[View]:
         """The views of ``paths`` not cached yet under ``key``."""
         ident = hash(tuple(paths))

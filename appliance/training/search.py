@@ -41,7 +41,7 @@ from appliance.training.recipe import TrainRecipe
 from appliance.training.search_cost import CLOCK_NAME, DAEMON_THREADS, CostModel, LatencyFn, calibrate, measure_latency
 from appliance.training.train import train_model
 
-LATENCY_SKIP = 1.2
+LATENCY_SKIP = 1.0
 """A candidate whose estimated (median) latency is this many times the limit is not trained."""
 FINISH_S = 1.0
 """Kept back for moving the winner into place."""
@@ -169,11 +169,14 @@ class _Search:
         self._best_key: tuple[float, int] | None = None
         self._count = 0
 
-    def estimate(self, r: TrainRecipe) -> dict[str, float]:
+    def missing(self, r: TrainRecipe) -> tuple[int, int]:
+        """Views of the training and validation images that are not cached for ``r``'s trunk."""
         key = trunk_key(r, self.layout)
-        missing = (len(self.cache.missing(key, self.paths[0], views(r))),
-                   len(self.cache.missing(key, self.paths[1], inference_views(r))))
-        return self.cost.stages(r, len(self.paths[0]), len(self.paths[1]), missing)
+        return (len(self.cache.missing(key, self.paths[0], views(r))),
+                len(self.cache.missing(key, self.paths[1], inference_views(r))))
+
+    def estimate(self, r: TrainRecipe) -> dict[str, float]:
+        return self.cost.stages(r, len(self.paths[0]), len(self.paths[1]), self.missing(r))
 
     def run(self, candidates: list[Candidate], tmp: Path, rank: int = 0) -> None:
         """Run ``candidates`` cheapest first (estimates change as features get cached); a tie in
@@ -186,10 +189,13 @@ class _Search:
             self._count += 1
             record = {"name": candidate.name, "why": candidate.why,
                       "recipe": candidate.recipe.model_dump(exclude_defaults=True),
+                      "views_to_extract": dict(zip(("train", "val"), self.missing(candidate.recipe), strict=True)),
                       "estimated_s": round(sum(estimate.values()), 1),
                       "estimated_latency_ms": round(self.cost.latency_ms(candidate.recipe), 2)}
             self.records.append(record)
             self._try(candidate, estimate, record, tmp / f"c{self._count}", order)
+            if self.best is not None:  # later candidates that can reuse features refine the best
+                self.cache.keep_only(trunk_key(self.best[0].recipe, self.layout))
 
     def _skip(self, record: dict, status: str, reason: str) -> None:
         record.update(status=status, reason=reason)

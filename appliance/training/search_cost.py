@@ -140,7 +140,7 @@ def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Pa
     wait for each other run several times slower."""
     started = time.perf_counter()
     macs, channels = block_macs(side)
-    threads = {n: _train_rates(layout, side, macs, n) for n in sorted({1, torch.get_num_threads()})}
+    threads = _train_rates(layout, side, macs, sorted({1, torch.get_num_threads()}))
     best = min(threads, key=lambda n: threads[n][0])
     torch.set_num_threads(best)
     train_s_per_mac, dense_s_per_mac = threads[best]
@@ -168,32 +168,36 @@ def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Pa
                      channels=channels, calibration_s=time.perf_counter() - started, _macs={side: macs})
 
 
-def _train_rates(layout: Layout, side: int, macs: list[float], threads: int, frozen_blocks: int = 13,
-                 batch: int = 16) -> tuple[float, float]:
-    """Seconds per multiply-accumulate of a training step (forward, backward, update) on ``threads``:
-    of fine-tuned blocks, and of an MLP on pooled vectors."""
-    torch.set_num_threads(threads)
+def _train_rates(layout: Layout, side: int, macs: list[float], thread_counts: list[int], frozen_blocks: int = 13,
+                 batch: int = 16) -> dict[int, tuple[float, float]]:
+    """Seconds per multiply-accumulate of a training step (forward, backward, update) on each of
+    ``thread_counts``: of fine-tuned blocks, and of an MLP on pooled vectors."""
     frozen, net = build(layout, side, frozen_blocks, [2], 0.2, 0.2)
     with torch.no_grad():
-        maps = frozen.trunk(torch.zeros(batch, 3, side, side))
+        one = frozen.trunk(torch.zeros(1, 3, side, side))
+    maps = one.repeat(batch, 1, 1, 1) + torch.randn(batch, *one.shape[1:])
     width, hidden = 2 * FEATURES, 512
     mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 2))
     vectors = torch.randn(8 * batch, width)
-    rates = []
-    for model, x, per_sample in ((net, maps, sum(macs[1 + frozen_blocks:])), (mlp, vectors, width * hidden)):
-        optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        model.train()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            out = model(x)
-            loss = (out[0] if isinstance(out, list) else out).sum()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            times.append(time.perf_counter() - t)
-        rates.append(min(times[1:]) / (len(x) * per_sample))
-    return rates[0], rates[1]
+    out: dict[int, tuple[float, float]] = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        rates = []
+        for model, x, per_sample in ((net, maps, sum(macs[1 + frozen_blocks:])), (mlp, vectors, width * hidden)):
+            optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+            model.train()
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                y = model(x)
+                loss = (y[0] if isinstance(y, list) else y).sum()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                times.append(time.perf_counter() - t)
+            rates.append(min(times[1:]) / (len(x) * per_sample))
+        out[threads] = (rates[0], rates[1])
+    return out
 
 
 def measure_latency(package: Path, images: list[np.ndarray], limit_ms: float | None = None) -> dict[str, float]:

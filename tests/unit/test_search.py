@@ -113,6 +113,8 @@ def test_poisoned_test_rows_change_nothing(dataset: Path, tmp_path: Path) -> Non
     scores = {r["name"]: (r["score"], r["val"]) for r in a["candidates"]}
     assert scores == {r["name"]: (r["score"], r["val"]) for r in b["candidates"]}
     assert clean.metrics == poisoned.metrics
+    # The balanced variant ran on the pooled candidate's cached features: nothing new to extract.
+    assert {r["name"]: r["views_to_extract"] for r in a["candidates"]}["pooled balanced"] == {"train": 0, "val": 0}
     assert a["test_rows_untouched"] == b["test_rows_untouched"] == 3 * PER_CLASS // 4
     # The package is the winner's, with its measured latency in the card.
     card = read_card(tmp_path / "clean")
