@@ -218,7 +218,7 @@ class _Search:
             shutil.rmtree(package, ignore_errors=True)
             record["seconds"] = round(time.perf_counter() - started, 1)
             return self._skip(record, "stopped", f"{exc} (after {record['seconds']:.0f} s)")
-        lat = self.latency(package, self.images, self.limit_ms)
+        lat = self.latency(package, self.images)
         seconds = time.perf_counter() - started
         stages = dict(card.training["seconds"])
         stages["export"] = stages.get("export", 0.0) + seconds - stages["total"]  # + loading and latency runs
