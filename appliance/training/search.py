@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,8 +34,9 @@ import torch
 
 from appliance.dataset import load_dataset
 from appliance.errors import UserError
+from appliance.inference import Classifier
 from appliance.model_package import ModelCard, new_version, write_card
-from appliance.training.candidates import SCORE, Candidate, plan, profile, refinements, validation_score
+from appliance.training.candidates import SCORE, Candidate, decided_accuracy, plan, profile, refinements
 from appliance.training.data import Layout, check_trainable, detect_layout, label_matrix, loader, select_rows
 from appliance.training.features import FeatureCache, inference_views, trunk_key, views
 from appliance.training.recipe import TrainRecipe
@@ -46,6 +48,7 @@ LATENCY_SKIP = 1.0
 FINISH_S = 1.0
 """Kept back for moving the winner into place."""
 LATENCY_IMAGES = 20
+SCORE_CHUNK = 32
 Say = Callable[[str], None]
 
 
@@ -106,8 +109,9 @@ def search_and_train(data: Path, out: Path, budget_s: float = 600.0, max_latency
         f"{rows.held_out} test images not read; short side {prof.side} px, {prof.classes} classes at most")
     threads = torch.get_num_threads()
     try:  # the calibration picks the threads for the search
-        search = _calibrated(data, parent_version, say, layout, load, (train_paths, val_paths), stage_one,
-                             latency, max_latency_ms, deadline, budget_s - (time.perf_counter() - started))
+        search = _calibrated(data, parent_version, say, layout, load, (train_paths, val_paths),
+                             label_matrix(rows.val, dataset.heads), stage_one, latency, max_latency_ms, deadline,
+                             budget_s - (time.perf_counter() - started))
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".search-", dir=out.parent) as tmp:
             search.run(stage_one, Path(tmp))
@@ -131,14 +135,14 @@ def search_and_train(data: Path, out: Path, budget_s: float = 600.0, max_latency
         "candidates": search.records, "winner": winner.name, "seconds": round(total, 1),
     }
     write_card(out, card)
-    say(f"winner: {winner.name} (validation score {validation_score(card.metrics):.4f}, "
+    say(f"winner: {winner.name} (validation score {search.scores[winner.name]:.4f}, "
         f"p99 {card.training['latency']['p99_ms']} ms); search took {total:.0f} s of {budget_s:.0f}")
     return card
 
 
 def _calibrated(data: Path, parent_version: str | None, say: Say, layout: Layout, load: Callable[[Path], np.ndarray],
-                paths: tuple[list[Path], list[Path]], stage_one: list[Candidate], latency: LatencyFn,
-                limit_ms: float, deadline: float, left: float) -> _Search:
+                paths: tuple[list[Path], list[Path]], y_val: np.ndarray, stage_one: list[Candidate],
+                latency: LatencyFn, limit_ms: float, deadline: float, left: float) -> _Search:
     """Calibrate the cost model; refuse a budget that cannot fit the cheapest candidate."""
     cost = calibrate(layout, load, paths[0], side=min(c.recipe.image_size for c in stage_one))
     say(f"calibration: {cost.calibration_s:.1f} s, {cost.threads} training thread(s)")
@@ -147,7 +151,7 @@ def _calibrated(data: Path, parent_version: str | None, say: Say, layout: Layout
         raise UserError(f"--budget is too small for this dataset: the cheapest recipe needs about {need:.0f} s "
                         "here; give a larger --budget or a --recipe")
     return _Search(data, parent_version, say, cost, FeatureCache(), latency, limit_ms, deadline,
-                   [load(p) for p in paths[1][:LATENCY_IMAGES]], layout, paths)
+                   [load(p) for p in paths[1][:LATENCY_IMAGES]], layout, paths, load, y_val)
 
 
 def _cheapest(cost: CostModel, candidates: Sequence[Candidate], n_train: int, n_val: int) -> float:
@@ -159,10 +163,11 @@ class _Search:
 
     def __init__(self, data: Path, parent_version: str | None, say: Say, cost: CostModel, cache: FeatureCache,
                  latency: LatencyFn, limit_ms: float, deadline: float, images: list, layout: str,
-                 paths: tuple[list[Path], list[Path]]) -> None:
+                 paths: tuple[list[Path], list[Path]], load: Callable[[Path], np.ndarray], y_val: np.ndarray) -> None:
         self.data, self.parent_version, self.say, self.cost, self.cache = data, parent_version, say, cost, cache
         self.latency, self.limit_ms, self.deadline, self.images = latency, limit_ms, deadline, images
-        self.layout, self.paths = layout, paths
+        self.layout, self.paths, self.load, self.y_val = layout, paths, load, y_val
+        self.scores: dict[str, float] = {}
         self.records: list[dict] = []
         self.latencies: dict[str, dict[str, float]] = {}
         self.best: tuple[Candidate, Path, ModelCard] | None = None
@@ -204,7 +209,7 @@ class _Search:
     def _try(self, candidate: Candidate, estimate: dict[str, float], record: dict, package: Path, order: int) -> None:
         left = self.deadline - time.perf_counter()
         if record["estimated_latency_ms"] > LATENCY_SKIP * self.limit_ms:
-            return self._skip(record, "over latency", f"estimated {record['estimated_latency_ms']} ms, far over "
+            return self._skip(record, "over latency", f"estimated {record['estimated_latency_ms']} ms, over "
                                                       f"the {self.limit_ms:g} ms limit: not trained")
         if record["estimated_s"] > left:
             return self._skip(record, "skipped",
@@ -223,13 +228,15 @@ class _Search:
         stages = dict(card.training["seconds"])
         stages["export"] = stages.get("export", 0.0) + seconds - stages["total"]  # + loading and latency runs
         self.cost.learn(estimate, stages)
-        score = validation_score(card.metrics)
+        decided = self.decided(package, [h.name for h in card.heads])
+        score = self.scores[candidate.name] = round(float(np.mean(list(decided.values()))), 4)
         record.update(seconds=round(seconds, 1), stage_seconds={k: round(v, 1) for k, v in stages.items()},
-                      score=round(score, 4), latency_ms=lat,
-                      val={h: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-                           for h, m in card.metrics["heads"].items()})
+                      score=score, latency_ms=lat,
+                      val={h: {"decided_accuracy": round(decided[h], 4), "accuracy": m["accuracy"],
+                               "macro_f1": m["macro_f1"]} for h, m in card.metrics["heads"].items()})
         self.latencies[candidate.name] = lat
-        heads = ", ".join(f"{h} acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}" for h, m in record["val"].items())
+        heads = ", ".join(f"{h} decided {m['decided_accuracy']:.3f} acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}"
+                          for h, m in record["val"].items())
         if lat["p99_ms"] > self.limit_ms:
             shutil.rmtree(package)
             return self._skip(record, "over latency", f"score {score:.4f} ({heads}) but p99 {lat['p99_ms']} ms > "
@@ -245,6 +252,24 @@ class _Search:
         else:
             shutil.rmtree(package)
         return None
+
+    def decided(self, package: Path, heads: list[str]) -> dict[str, float]:
+        """Per head, :func:`decided_accuracy` of the exported package on the validation images."""
+        classifier = Classifier(package, intra_op_threads=torch.get_num_threads())
+        paths = self.paths[1]
+        confidence, correct = np.zeros((len(paths), len(heads))), np.zeros((len(paths), len(heads)), bool)
+        for start in range(0, len(paths), SCORE_CHUNK):
+            by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            images = {i: self.load(paths[i]) for i in range(start, min(start + SCORE_CHUNK, len(paths)))}
+            for i, image in images.items():
+                by_shape[image.shape].append(i)
+            for rows in by_shape.values():
+                for i, pred in zip(rows, classifier.classify_batch([images[i] for i in rows]), strict=True):
+                    for j, head in enumerate(heads):
+                        confidence[i, j] = pred[head].confidence
+                        correct[i, j] = pred[head].index == self.y_val[i, j]
+        known = self.y_val >= 0
+        return {h: decided_accuracy(confidence[known[:, j], j], correct[known[:, j], j]) for j, h in enumerate(heads)}
 
     def nothing_chosen(self) -> str:
         over = [(r["latency_ms"]["p99_ms"] if "latency_ms" in r else r["estimated_latency_ms"], r["name"])

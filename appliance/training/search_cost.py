@@ -116,7 +116,8 @@ class CostModel:
         else:
             top = sum(m[1 + r.frozen_blocks:])
             train = (steps * batch + r.epochs * n_val * judged / 3) * top * self.train_s_per_mac
-        export = EXPORT_S * (r.image_size / 224) ** 2 + self.latency_ms(r) * LATENCY_RUNS * 1e-3
+        # + the latency runs and the scoring pass over the validation images, both on the package
+        export = EXPORT_S * (r.image_size / 224) ** 2 + self.latency_ms(r) * (LATENCY_RUNS * REPEATS + n_val) * 1e-3
         return {"features": features * self._factor("features"), "train": train * self._factor("train"),
                 "export": export * self._factor("export")}
 

@@ -20,7 +20,15 @@ from appliance.dataset import HeadSpec, Sample, write_dataset
 from appliance.errors import UserError
 from appliance.model_package import read_card
 from appliance.training import search
-from appliance.training.candidates import Candidate, DataProfile, parse_budget, plan, refinements, sides
+from appliance.training.candidates import (
+    Candidate,
+    DataProfile,
+    decided_accuracy,
+    parse_budget,
+    plan,
+    refinements,
+    sides,
+)
 from appliance.training.recipe import TrainRecipe
 from appliance.training.search import OutOfBudget, _Watch, search_and_train
 from appliance.training.search_cost import CostModel, calibrate
@@ -233,3 +241,11 @@ def test_a_run_predicted_to_end_past_the_deadline_is_stopped() -> None:
     on_time("train", 0.4)
     with pytest.raises(OutOfBudget):
         _Watch(deadline=start - 1, tail=0, say=_quiet)("features (train)", 0.0)
+
+
+def test_the_score_is_the_accuracy_of_the_parts_the_line_decides() -> None:
+    confidence = np.array([0.9, 0.2, 0.8, 0.3])
+    correct = np.array([True, True, True, False])
+    assert decided_accuracy(confidence, correct, share=0.25) == pytest.approx(2 / 3)  # 0.2 held
+    assert decided_accuracy(confidence, correct, share=0.5) == 1.0
+    assert decided_accuracy(confidence, correct, share=0.0) == 0.75
