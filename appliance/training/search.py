@@ -49,11 +49,18 @@ FINISH_S = 1.0
 """Kept back for moving the winner into place."""
 LATENCY_IMAGES = 20
 SCORE_CHUNK = 32
+SHORTENED_FILL = 0.7
+"""A shortened candidate plans its training for this share of the time left."""
 Say = Callable[[str], None]
 
 
 class OutOfBudget(Exception):
     """Raised from the progress callback to stop a candidate that would run past the budget."""
+
+    def __init__(self, message: str, stage: str, stage_s: float | None) -> None:
+        super().__init__(message)
+        self.stage, self.stage_s = stage, stage_s
+        """The stage, and what all of it was predicted to take (None: too early to tell)."""
 
 
 class _Watch:
@@ -69,11 +76,13 @@ class _Watch:
         if stage != self.stage:
             self.stage, self.since, self.first = stage, now, fraction
             self.say(f"      {stage} …")
-        left = 0.0
+        left, whole = 0.0, None
         if fraction - self.first >= 0.1:
-            left = (now - self.since) * (1 - fraction) / (fraction - self.first)
+            whole = (now - self.since) / (fraction - self.first)
+            left = whole * (1 - fraction)
         if now + left + self.tail > self.deadline:
-            raise OutOfBudget(f"{stage} would end {now + left + self.tail - self.deadline:.0f} s past the budget")
+            raise OutOfBudget(f"{stage} would end {now + left + self.tail - self.deadline:.0f} s past the budget",
+                              stage, whole)
 
 
 def search_and_train(data: Path, out: Path, budget_s: float = 600.0, max_latency_ms: float = 10.0, *,
@@ -192,21 +201,26 @@ class _Search:
             i = min(range(len(pending)), key=lambda k: sum(estimates[k].values()))
             (order, candidate), estimate = pending.pop(i), estimates[i]
             self._count += 1
-            record = {"name": candidate.name, "why": candidate.why,
-                      "recipe": candidate.recipe.model_dump(exclude_defaults=True),
-                      "views_to_extract": dict(zip(("train", "val"), self.missing(candidate.recipe), strict=True)),
-                      "estimated_s": round(sum(estimate.values()), 1),
-                      "estimated_latency_ms": round(self.cost.latency_ms(candidate.recipe), 2)}
-            self.records.append(record)
-            self._try(candidate, estimate, record, tmp / f"c{self._count}", order)
+            self._try(candidate, estimate, self._record(candidate, estimate), tmp / f"c{self._count}", order)
             if self.best is not None:  # later candidates that can reuse features refine the best
                 self.cache.keep_only(trunk_key(self.best[0].recipe, self.layout))
+
+    def _record(self, candidate: Candidate, estimate: dict[str, float]) -> dict:
+        """The candidate's entry in the card, appended before it runs and completed as it goes."""
+        record = {"name": candidate.name, "why": candidate.why,
+                  "recipe": candidate.recipe.model_dump(exclude_defaults=True),
+                  "views_to_extract": dict(zip(("train", "val"), self.missing(candidate.recipe), strict=True)),
+                  "estimated_s": round(sum(estimate.values()), 1),
+                  "estimated_latency_ms": round(self.cost.latency_ms(candidate.recipe), 2)}
+        self.records.append(record)
+        return record
 
     def _skip(self, record: dict, status: str, reason: str) -> None:
         record.update(status=status, reason=reason)
         self.say(f"  [{record['name']}] {status}: {reason}")
 
-    def _try(self, candidate: Candidate, estimate: dict[str, float], record: dict, package: Path, order: int) -> None:
+    def _try(self, candidate: Candidate, estimate: dict[str, float], record: dict, package: Path, order: int,
+             retry: bool = True) -> None:
         left = self.deadline - time.perf_counter()
         if record["estimated_latency_ms"] > LATENCY_SKIP * self.limit_ms:
             return self._skip(record, "over latency", f"estimated {record['estimated_latency_ms']} ms, over "
@@ -222,7 +236,10 @@ class _Search:
         except OutOfBudget as exc:
             shutil.rmtree(package, ignore_errors=True)
             record["seconds"] = round(time.perf_counter() - started, 1)
-            return self._skip(record, "stopped", f"{exc} (after {record['seconds']:.0f} s)")
+            self._skip(record, "stopped", f"{exc} (after {record['seconds']:.0f} s)")
+            if retry and self.best is None and exc.stage == "train" and exc.stage_s:
+                self._shortened(candidate, exc.stage_s, estimate, package, order)
+            return None
         lat = self.latency(package, self.images)
         seconds = time.perf_counter() - started
         stages = dict(card.training["seconds"])
@@ -252,6 +269,23 @@ class _Search:
         else:
             shutil.rmtree(package)
         return None
+
+    def _shortened(self, candidate: Candidate, train_s: float, estimate: dict[str, float], package: Path,
+                   order: int) -> None:
+        """Nothing has finished and ``candidate``'s training would not: train it again on its cached
+        features with the share of its epochs that fits the time left (the machine may have become
+        busier than the calibration saw), so that the search still ships a model."""
+        r = candidate.recipe
+        share = SHORTENED_FILL * (self.deadline - time.perf_counter() - estimate["export"]) / train_s
+        epochs = int(r.epochs * share)
+        if epochs < 1:
+            return
+        recipe = r.model_copy(update={"epochs": epochs, "patience": min(r.patience, epochs),
+                                      "min_steps": max(1, int(r.min_steps * share))})
+        short = Candidate(f"{candidate.name} shortened to {epochs} epochs", recipe,
+                          f"{candidate.name} did not fit the time left")
+        estimate = {**estimate, "features": 0.0, "train": train_s * share}
+        self._try(short, estimate, self._record(short, estimate), package, order, retry=False)
 
     def decided(self, package: Path, heads: list[str]) -> dict[str, float]:
         """Per head, :func:`decided_accuracy` of the exported package on the validation images."""

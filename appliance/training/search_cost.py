@@ -42,6 +42,8 @@ CLOCK = time.thread_time if DAEMON_THREADS == 1 else time.perf_counter
 is the part's latency on a core of its own: unlike wall time, it does not grow when other jobs
 load the training machine."""
 CLOCK_NAME = "thread CPU time" if CLOCK is time.thread_time else "wall time"
+MORE_THREADS_GAIN = 1.3
+"""All cores train only when a step is this many times faster on them than on one thread."""
 EXPORT_S = 4.0
 """Exporting, checking and loading a model package at 224 px, before correction."""
 
@@ -136,13 +138,13 @@ def calibrate(layout: Layout, load: Callable[[Path], np.ndarray], paths: list[Pa
               side: int = CALIBRATION_SIDE) -> CostModel:
     """Measure the rates on ``CALIBRATION_IMAGES`` of the user's training images at ``side`` px.
 
-    Sets torch's threads (which onnxruntime's extraction follows) to what trained fastest: all
-    cores on an idle machine, one where other jobs keep the cores busy and OpenMP threads that
-    wait for each other run several times slower."""
+    Sets torch's threads (which onnxruntime's extraction follows): all cores only where they train
+    clearly faster than one, since OpenMP threads that wait for each other run several times slower
+    as soon as other jobs (the line itself, on an appliance) load the cores."""
     started = time.perf_counter()
     macs, channels = block_macs(side)
     threads = _train_rates(layout, side, macs, sorted({1, torch.get_num_threads()}))
-    best = min(threads, key=lambda n: threads[n][0])
+    best = max(threads) if threads[max(threads)][0] * MORE_THREADS_GAIN < threads[1][0] else 1
     torch.set_num_threads(best)
     train_s_per_mac, dense_s_per_mac = threads[best]
     frozen = build_pooled(layout, side, [NUM_BLOCKS - 1])

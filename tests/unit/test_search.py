@@ -132,20 +132,26 @@ def test_poisoned_test_rows_change_nothing(dataset: Path, tmp_path: Path) -> Non
     assert card.training["latency"]["runs"] >= 100 and card.training["latency"]["batch"] == 1
 
 
+def _optimistic(*args: object, **kwargs: object) -> CostModel:
+    """The real calibration with rates 100× too low: every candidate looks as if it fits."""
+    cost = calibrate(*args, **kwargs)  # type: ignore[arg-type]
+    cost.extract_s_per_mac /= 100
+    cost.train_s_per_mac /= 100
+    return cost
+
+
+SLOW = [Candidate(f"slow{k}", FINE.model_copy(update={"epochs": 60, "patience": 60, "min_steps": 600,
+                                                      "lr": 1e-3 * k}), "too many epochs for the budget")
+        for k in (1, 2, 3)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimates", ["measured", "far too optimistic"])
 def test_budget_is_kept(estimates: str, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Candidates that cannot fit are skipped; with estimates 100× too low they start, and are stopped."""
     if estimates != "measured":
-        def optimistic(*args: object, **kwargs: object) -> CostModel:
-            cost = calibrate(*args, **kwargs)  # type: ignore[arg-type]
-            cost.extract_s_per_mac /= 100
-            cost.train_s_per_mac /= 100
-            return cost
-        monkeypatch.setattr(search, "calibrate", optimistic)
-    slow = [Candidate(f"slow{k}", FINE.model_copy(update={"epochs": 60, "patience": 60, "min_steps": 600,
-                                                          "lr": 1e-3 * k}), "too many epochs for the budget")
-            for k in (1, 2, 3)]
+        monkeypatch.setattr(search, "calibrate", _optimistic)
+    slow = SLOW
     budget = 30.0
     t = time.perf_counter()
     card = search_and_train(dataset, tmp_path / "m", budget, 1000, candidates=[TINY[1], *slow], say=_quiet)
@@ -158,6 +164,22 @@ def test_budget_is_kept(estimates: str, dataset: Path, tmp_path: Path, monkeypat
     assert left <= {"skipped", "stopped", "done"} and left != {"done"}, records
     if estimates != "measured":
         assert "stopped" in left, records
+
+
+@pytest.mark.slow
+def test_a_first_candidate_that_cannot_finish_is_shortened_to_fit(dataset: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "calibrate", _optimistic)
+    budget = 30.0
+    t = time.perf_counter()
+    card = search_and_train(dataset, tmp_path / "m", budget, 1000, candidates=SLOW[:1], say=_quiet)
+    assert time.perf_counter() - t <= 1.1 * budget
+    records = card.training["search"]["candidates"]
+    assert [r["status"] for r in records] == ["stopped", "done"], records
+    short = records[1]
+    assert short["name"].startswith("slow1 shortened to") and short["views_to_extract"] == {"train": 0, "val": 0}
+    assert 1 <= card.training["recipe"]["epochs"] < SLOW[0].recipe.epochs
+    assert card.training["search"]["winner"] == short["name"]
 
 
 @pytest.mark.slow
