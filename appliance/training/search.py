@@ -245,6 +245,7 @@ class _Search:
         stages = dict(card.training["seconds"])
         stages["export"] = stages.get("export", 0.0) + seconds - stages["total"]  # + loading and latency runs
         self.cost.learn(estimate, stages)
+        self.cost.learn_latency(candidate.recipe, lat["p50_ms"])
         decided = self.decided(package, [h.name for h in card.heads])
         score = self.scores[candidate.name] = round(float(np.mean(list(decided.values()))), 4)
         record.update(seconds=round(seconds, 1), stage_seconds={k: round(v, 1) for k, v in stages.items()},

@@ -87,6 +87,8 @@ class CostModel:
     channels: list[int]
     calibration_s: float
     correction: dict[str, list[float]] = field(default_factory=lambda: {"features": [], "train": [], "export": []})
+    latency_correction: dict[str, list[float]] = field(default_factory=dict)
+    """Per method: measured / estimated latency of the candidates measured so far."""
     _macs: dict[int, list[float]] = field(default_factory=dict)
 
     def macs(self, side: int) -> list[float]:
@@ -125,7 +127,16 @@ class CostModel:
 
     def latency_ms(self, r: TrainRecipe) -> float:
         """Estimated bs1 latency of the exported model on the daemon's threads."""
+        seen = self.latency_correction.get(r.method)
+        return self._plain_latency_ms(r) * (float(np.median(seen)) if seen else 1.0)
+
+    def _plain_latency_ms(self, r: TrainRecipe) -> float:
         return sum(self.macs(r.image_size)) * len(inference_views(r)) * self.latency_ms_per_mac
+
+    def learn_latency(self, r: TrainRecipe, measured_ms: float) -> None:
+        """Fold a measured median latency into the estimates for the same method (pooling and the
+        trained top cost more than the calibration's plain network)."""
+        self.latency_correction.setdefault(r.method, []).append(measured_ms / self._plain_latency_ms(r))
 
     def learn(self, estimate: dict[str, float], seconds: dict[str, float]) -> None:
         """Fold a finished candidate's real stage seconds into the corrections."""
