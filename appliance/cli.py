@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -207,18 +208,37 @@ def demo(
 def train(
     data: Annotated[Path, typer.Option(help="Dataset folder (labels.csv [+ dataset.yaml]).")],
     out: Annotated[Path, typer.Option(help="Model package folder to write.")],
-    recipe: Annotated[Path | None, typer.Option(help="YAML file with TrainRecipe settings.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML file with TrainRecipe settings: fixes every setting by "
+                                                     "hand and skips the search.")] = None,
+    budget: Annotated[str, typer.Option(help="Time for the whole recipe search and export, e.g. 90s, 10m, 1h.")]
+        = "10m",
+    max_latency_ms: Annotated[float, typer.Option(
+        min=0.1, help="Largest bs1 p99 latency per part (ms, measured on this machine with the line's threads) "
+                      "of a recipe the search may choose.")] = 10.0,
     register: Annotated[Path | None, typer.Option(help="Also register the model in this state "
                                                        "directory's registry.")] = None,
 ) -> None:
-    """Train a multi-head classifier by transfer learning and export the model package."""
+    """Train a multi-head classifier by transfer learning and export the model package.
+
+    Without --recipe, candidate recipes (resolution, method, balance, views) derived from the data
+    are tried within --budget, scored on the validation rows (never the test split), and the best
+    one within --max-latency-ms is kept; the card's training.search lists them all."""
+    started = time.perf_counter()  # the budget covers the whole command
     _user_errors(_need_training_extra)
+    from appliance.training.candidates import parse_budget
     from appliance.training.train import TrainRecipe, train_model
     from appliance.yamlio import load_validated
 
+    seconds = _user_errors(lambda: parse_budget(budget))
+
     def go() -> None:
-        r = load_validated(recipe, TrainRecipe) if recipe else None
-        card = train_model(data, out, r)
+        if recipe:
+            card = train_model(data, out, load_validated(recipe, TrainRecipe))
+        else:
+            from appliance.training.search import search_and_train
+
+            card = search_and_train(data, out, seconds, max_latency_ms, started=started,
+                                    say=lambda line: typer.echo(line, err=True))
         typer.echo(f"model {card.version} written to {out}")
         if register is not None:
             from appliance.registry import ModelRegistry

@@ -154,8 +154,9 @@ RECIPE = """
 How a model is trained: `appliance train --recipe FILE`, `appliance learning-curve --recipe FILE`,
 `python -m bench.elpv --recipe FILE` and retraining (`registry.retrain_recipe`) read a YAML mapping
 of these keys; unknown keys are errors, and an absent key keeps its default. The defaults are the
-recipe tuned on ELPV; the recipe is recorded in every model card. Generated from
-`appliance/training/recipe.py`.
+recipe tuned on ELPV; the recipe is recorded in every model card. Without `--recipe`,
+`appliance train` searches candidate recipes within `--budget` and `--max-latency-ms` (README,
+"Running a line on your own images"). Generated from `appliance/training/recipe.py`.
 """
 
 

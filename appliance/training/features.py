@@ -7,15 +7,17 @@ in chunks, so a dataset never has to fit in memory as pixels.
 
 from __future__ import annotations
 
+import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from torch import nn
 
 from appliance.model_package import INPUT_NAME
-from appliance.training.export import session
+from appliance.training.export import export_onnx, session
 from appliance.training.progress import Progress, progress_bar
 from appliance.training.recipe import TrainRecipe
 
@@ -84,3 +86,52 @@ def extract(trunk_onnx: Path, paths: Sequence[Path], load: Callable[[Path], np.n
                     bar.update(len(rows))
     assert out is not None  # paths is never empty
     return out
+
+
+Job = tuple[Sequence[Path], Sequence[View], str]
+"""Images, the views to compute for each, and the progress label."""
+
+
+def trunk_key(recipe: TrainRecipe, layout: str) -> Hashable:
+    """What decides the frozen part's output for one image and view: two recipes with the same key
+    share cached features.  A recipe field that changes the frozen part must join this key."""
+    depth = tuple(sorted(set(recipe.pooled_blocks))) if recipe.method == "pooled_features" else recipe.frozen_blocks
+    return layout, recipe.method, recipe.image_size, depth
+
+
+class FeatureCache:
+    """Frozen-trunk features kept per (trunk key, image list, view) between training runs: a recipe
+    search tries several tops, balances and view sets on one extraction.  Without a cache object,
+    :meth:`get` is a plain extraction."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[Hashable, int, View], np.ndarray] = {}
+
+    def keep_only(self, key: Hashable) -> None:
+        """Forget every trunk's features but ``key``'s (memory: one trunk's maps can be large)."""
+        self._store = {k: v for k, v in self._store.items() if k[0] == key}
+
+    def missing(self, key: Hashable, paths: Sequence[Path], view_list: Sequence[View]) -> list[View]:
+        """The views of ``paths`` not cached yet under ``key``."""
+        ident = hash(tuple(paths))
+        return [v for v in view_list if (key, ident, v) not in self._store]
+
+    def get(self, frozen: nn.Module, key: Hashable, layout: str, size: int, load: Callable[[Path], np.ndarray],
+            jobs: Sequence[Job], threads: int, progress: Progress) -> list[np.ndarray]:
+        """``V×N×…`` features per job; the frozen part is exported and run only for what is missing."""
+        todo = [(job, self.missing(key, job[0], job[1])) for job in jobs]
+        if any(views_left for _, views_left in todo):
+            with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
+                trunk_onnx = Path(tmp) / "trunk.onnx"
+                export_onnx(frozen, trunk_onnx, layout, size, ["features"])
+                for (paths, _, desc), views_left in todo:
+                    if views_left:
+                        maps = extract(trunk_onnx, paths, load, views_left, threads, progress, desc)
+                        ident = hash(tuple(paths))
+                        for view, part in zip(views_left, maps, strict=True):
+                            self._store[key, ident, view] = part
+        out = []
+        for paths, view_list, _ in jobs:
+            ident = hash(tuple(paths))
+            out.append(np.stack([self._store[key, ident, v] for v in view_list]))
+        return out

@@ -8,7 +8,6 @@ part → export the whole graph, check onnxruntime against torch, write the mode
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from appliance.training.data import (
     select_rows,
 )
 from appliance.training.export import export_onnx, verify_onnx
-from appliance.training.features import extract, inference_views, views
+from appliance.training.features import FeatureCache, inference_views, trunk_key, views
 from appliance.training.fit import fit, logits_of
 from appliance.training.metrics import (
     accuracy,
@@ -60,9 +59,11 @@ VERIFY_IMAGES = 4
 
 
 def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
-                parent_version: str | None = None, progress: Progress = True) -> ModelCard:
+                parent_version: str | None = None, progress: Progress = True,
+                features: FeatureCache | None = None) -> ModelCard:
     """Train a model on the dataset folder ``data`` and write its package into ``out``
-    (``out/model.onnx`` + ``out/model.json``; ``out`` must be new or empty)."""
+    (``out/model.onnx`` + ``out/model.json``; ``out`` must be new or empty).  ``features`` keeps
+    the frozen trunk's output for the next run (the recipe search)."""
     recipe = recipe or TrainRecipe()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -87,13 +88,10 @@ def train_model(data: Path, out: Path, recipe: TrainRecipe | None = None, *,
         frozen, net = build(layout, recipe.image_size, recipe.frozen_blocks, classes, recipe.dropout,
                             recipe.drop_connect)
     threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
-        trunk_onnx = Path(tmp) / "trunk.onnx"
-        export_onnx(frozen, trunk_onnx, layout, recipe.image_size, ["features"])
-        view_list = views(recipe)
-        train_x = extract(trunk_onnx, train_paths, load, view_list, threads, progress, "features (train)")
-        judged = inference_views(recipe)
-        val_x = extract(trunk_onnx, val_paths, load, judged, threads, progress, "features (val)")
+    view_list, judged = views(recipe), inference_views(recipe)
+    train_x, val_x = (features or FeatureCache()).get(
+        frozen, trunk_key(recipe, layout), layout, recipe.image_size, load,
+        [(train_paths, view_list, "features (train)"), (val_paths, judged, "features (val)")], threads, progress)
     seconds["features"] = time.perf_counter() - started
     if recipe.method == "pooled_features":
         top, width = pooled_top(train_x, recipe.hidden_units, recipe.dropout)
