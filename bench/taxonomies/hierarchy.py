@@ -40,9 +40,10 @@ from bench.taxonomies.marks import (
     place,
     smooth_curve,
     to_edge,
+    visible,
 )
 
-VERSION = 1
+VERSION = 2
 """Bump when the drawing changes, so cached sets are drawn again."""
 FAMILY_HEAD, SUBTYPE_HEAD = "family", "subtype"
 Drawn = tuple[np.ndarray, dict[str, Any]]
@@ -55,7 +56,9 @@ def _lines(surface: np.ndarray, rng: Rng, paths: list[Points], width: float | No
     canvas = Canvas()
     for path in paths:
         canvas.line(path, width)
-    return darken(surface, canvas.mask(), contrast), {"width_px": width, "contrast": contrast}
+    mask = canvas.mask()
+    contrast = visible(surface, mask, contrast, rng)
+    return darken(surface, mask, contrast), {"width_px": width, "contrast": contrast}
 
 
 def _area(surface: np.ndarray, rng: Rng, polygons: list[Points], contrast: float, blur: float) -> Drawn:
@@ -64,6 +67,7 @@ def _area(surface: np.ndarray, rng: Rng, polygons: list[Points], contrast: float
     for polygon in polygons:
         canvas.polygon(polygon)
     mask = canvas.mask(blur=blur) * mottle(rng, rng.uniform(15, 40), 0.35)
+    contrast = visible(surface, mask, contrast, rng)
     return darken(surface, mask, contrast), {"contrast": contrast}
 
 
@@ -132,7 +136,7 @@ def stain(diameter: tuple[float, float], aspect: tuple[float, float] = (0.55, 1.
                 canvas.polygon(centre + (b - centre) * rng.uniform(0.45, 0.65), level=0)
         d = float(np.ptp(blobs[0], axis=0).max())
         mask = canvas.mask(blur=d * rng.uniform(0.04, 0.1)) * mottle(rng, d / 4, 0.45)
-        contrast = rng.uniform(0.18, 0.4)
+        contrast = visible(surface, mask, rng.uniform(0.18, 0.4), rng)
         return (brighten if bright else darken)(surface, mask, contrast), {"contrast": contrast, "blobs": n}
     return draw
 
@@ -152,8 +156,9 @@ def pinholes(count: tuple[int, int], spread: tuple[float, float] = (8, 25), radi
         canvas = Canvas()
         for x, y in dots:
             canvas.dot(x, y, rng.uniform(*radius), level=int(255 * rng.uniform(0.6, 1.0)))
-        contrast = rng.uniform(0.4, 0.7)
-        return darken(surface, canvas.mask(), contrast), {"contrast": contrast, "count": n}
+        mask = canvas.mask()
+        contrast = visible(surface, mask, rng.uniform(0.4, 0.7), rng)
+        return darken(surface, mask, contrast), {"contrast": contrast, "count": n}
     return draw
 
 
@@ -232,7 +237,7 @@ LEAVES: dict[str, dict[str, Callable[[np.ndarray, Rng], Drawn]]] = {
     "pinholes": {"few": pinholes((2, 4)), "many": pinholes((15, 30), spread=(15, 35)),
                  "line": pinholes((5, 10), line=True), "scattered": pinholes((8, 15), scattered=True),
                  "large": pinholes((1, 3), radius=(3.0, 5.0)), "tight": pinholes((6, 12), spread=(2, 5))},
-    "chip": {"corner_small": chip((6, 14), corner=True), "corner_large": chip((25, 45), corner=True),
+    "chip": {"corner_small": chip((14, 24), corner=True), "corner_large": chip((32, 50), corner=True),
              "notch": chip((10, 22), (1.5, 2.2)), "shallow": chip((4, 8), (8, 14)),
              "v_notch": chip((15, 35), (0.4, 0.7)), "double": chip((8, 20), (1.5, 2.5), chips=2)},
     "inactive": {kind: inactive(kind) for kind in ("band", "block", "triangle", "half", "gradient", "fingers")},

@@ -19,6 +19,10 @@ SUPERSAMPLE = 4
 MARGIN = 8.0
 """Free pixels between a mark and the image border (chips, which start at a border, excepted)."""
 
+VISIBILITY = (2.0, 4.0)
+"""A labelled mark's darkening is this many times (drawn) the texture's spread around it, at least."""
+MAX_CONTRAST = 0.85
+
 Points = np.ndarray
 """``K×2`` float (x, y) vertices."""
 
@@ -46,6 +50,26 @@ class Canvas:
         if blur > 0:
             small = small.filter(ImageFilter.GaussianBlur(blur))
         return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def visible(surface: np.ndarray, mask: np.ndarray, contrast: float, rng: np.random.Generator) -> float:
+    """``contrast``, raised where needed until the mark stands out from the surface's own texture
+    around it, at the mark's scale, by VISIBILITY× (drawn): a defect no inspector can see on the
+    image is never labelled, so a set that labelled it would only hold label noise."""
+    peak = float(mask.max())
+    if peak <= 0:
+        return contrast
+    core = mask >= 0.5 * peak
+    ys, xs = np.nonzero(core)
+    extent = max(int(np.ptp(ys)), int(np.ptp(xs)), 1)
+    pad = max(8, extent // 2)
+    box = (slice(max(0, ys.min() - pad), ys.max() + pad + 1), slice(max(0, xs.min() - pad), xs.max() + pad + 1))
+    scale = float(np.clip(extent / 4, 2, 12))
+    smooth = Image.fromarray(np.uint8(np.clip(surface, 0, 255))).filter(ImageFilter.GaussianBlur(scale))
+    texture = float((surface - np.asarray(smooth, dtype=np.float32))[box].std())
+    signal = float((surface * mask)[core].mean())  # grey levels lost at the core per unit of contrast
+    needed = rng.uniform(*VISIBILITY) * texture / max(signal, 1e-6)
+    return float(min(max(contrast, needed), MAX_CONTRAST))
 
 
 def darken(surface: np.ndarray, mask: np.ndarray, contrast: float) -> np.ndarray:

@@ -8,8 +8,8 @@ the cell):
 - ``crack``: a thin, jagged dark polyline with 0-3 branches (graded by total length);
 - ``stain``: a soft, mottled, low-contrast dark blob (graded by diameter);
 - ``pinholes``: a cluster of small dark dots (graded by how many);
-- ``chip``: material broken off an edge or corner, dark as the cell's surroundings (graded by how
-  deep it reaches into the cell).
+- ``chip``: material broken off an edge, dark as the cell's surroundings, with a darkened rim
+  (graded by how deep it reaches into the cell).
 
 Scratch and crack are both thin lines and differ only in smoothness and branching; pinholes and
 stains sit on the grain of polycrystalline cells.  Each family's severity (minor/major/critical;
@@ -19,7 +19,8 @@ type.  Within a grade, the measure is drawn uniformly from the grade's band less
 the band at each end: a labeller grades a clear case the same way each time, so the model has
 to measure size to about that precision, not guess at a coin-flip boundary.  Position,
 orientation, line width, contrast, blur, noise, gain and the cell vary freely and independently
-of the grade.
+of the grade; a mark's contrast is only raised where the cell's own texture would hide it
+(:func:`bench.taxonomies.marks.visible`: a labelled defect is one an inspector can see).
 
     python -m bench.taxonomies.type_severity OUT [--seed 0] [--per-type 150] [--test-per-type 60] [--within]
 
@@ -50,9 +51,10 @@ from bench.taxonomies.marks import (
     place,
     smooth_curve,
     to_edge,
+    visible,
 )
 
-VERSION = 1
+VERSION = 2
 """Bump when the drawing changes, so cached sets are drawn again."""
 TYPE_HEAD, SEVERITY_HEAD = "defect_type", "severity"
 OK, NONE = "ok", "none"
@@ -65,7 +67,9 @@ def scratch(surface: np.ndarray, rng: np.random.Generator, length: float) -> tup
     (curve,) = place([smooth_curve(length, rng.uniform(0, np.pi), bend)], rng)
     canvas = Canvas()
     canvas.line(curve, width)
-    return darken(surface, canvas.mask(), contrast), {"width_px": width, "contrast": contrast}
+    mask = canvas.mask()
+    contrast = visible(surface, mask, contrast, rng)
+    return darken(surface, mask, contrast), {"width_px": width, "contrast": contrast}
 
 
 def crack(surface: np.ndarray, rng: np.random.Generator, length: float) -> tuple[np.ndarray, dict[str, Any]]:
@@ -73,7 +77,9 @@ def crack(surface: np.ndarray, rng: np.random.Generator, length: float) -> tuple
     canvas = Canvas()
     for k, path in enumerate(place(crack_tree(rng, length, branches), rng)):
         canvas.line(path, width if k == 0 else width * 0.8)
-    return darken(surface, canvas.mask(), contrast), {"width_px": width, "contrast": contrast, "branches": branches}
+    mask = canvas.mask()
+    contrast = visible(surface, mask, contrast, rng)
+    return darken(surface, mask, contrast), {"width_px": width, "contrast": contrast, "branches": branches}
 
 
 def stain(surface: np.ndarray, rng: np.random.Generator, diameter: float) -> tuple[np.ndarray, dict[str, Any]]:
@@ -82,6 +88,7 @@ def stain(surface: np.ndarray, rng: np.random.Generator, diameter: float) -> tup
     canvas = Canvas()
     canvas.polygon(place([outline], rng)[0])
     mask = canvas.mask(blur=diameter * rng.uniform(0.08, 0.16)) * mottle(rng, diameter / 4, 0.45)
+    contrast = visible(surface, mask, contrast, rng)
     return darken(surface, mask, contrast), {"contrast": contrast}
 
 
@@ -91,11 +98,13 @@ def pinholes(surface: np.ndarray, rng: np.random.Generator, count: float) -> tup
     canvas = Canvas()
     for x, y in dots:
         canvas.dot(x, y, rng.uniform(0.8, 1.8), level=int(255 * rng.uniform(0.6, 1.0)))
-    return darken(surface, canvas.mask(), contrast), {"spread_px": spread, "contrast": contrast}
+    mask = canvas.mask()
+    contrast = visible(surface, mask, contrast, rng)
+    return darken(surface, mask, contrast), {"spread_px": spread, "contrast": contrast}
 
 
 def chip(surface: np.ndarray, rng: np.random.Generator, depth: float) -> tuple[np.ndarray, dict[str, Any]]:
-    corner = bool(rng.random() < 0.5)
+    corner = False  # an edge, where the break is on the cell itself (a corner's chamfer hides small ones)
     outline = to_edge(edge_chip(rng, depth, depth * rng.uniform(1.5, 3.0), corner), rng, corner)
     canvas = Canvas()
     canvas.polygon(outline)
