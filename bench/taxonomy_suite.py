@@ -235,19 +235,19 @@ def main() -> None:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "quick": args.quick,
               "sets": previous.get("sets", {})}
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or SETS:
-        runs = []
+        runs: list[dict[str, Any]] = []
         for seed in args.seeds:
             data = dataset_for(name, seed, args.data_dir, args.quick, args.within)
             print(f"== {name} seed {seed}: {data}", flush=True)
             runs.append(run_one(name, data, seed, args.quick))
             print(json.dumps(figures(runs[-1])), flush=True)
-        report["sets"][name] = {"date": report["date"], "machine": machine(), "runs": runs,
-                                "summary": summarise(runs)}
-        if name == "type_severity":
-            report["sets"][name]["within"] = args.within
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+            report["sets"][name] = {"date": report["date"], "machine": machine(), "runs": runs,
+                                    "summary": summarise(runs)}
+            if name == "type_severity":
+                report["sets"][name]["within"] = args.within
+            out.write_text(json.dumps(report, indent=2) + "\n")  # after every run: a killed suite keeps its runs
     for row in readme_rows(report):
         print(" | ".join(row[1:]))
     print(f"wrote {out}")
