@@ -3,7 +3,8 @@ and the figures of bench/plots.py.
 
     python -m bench.run_all                 # all of them (about 60 min: ELPV training ~6 min, the
                                             # pooled-features recipe ~8 min, the SVM study of three trunks ~20 min, the
-                                            # learning curve ~15 min, active learning ~5 min)
+                                            # learning curve ~15 min, active learning ~5 min, the
+                                            # taxonomy suite, three sets × three seeds, ~25 min)
     python -m bench.run_all --skip elpv     # leave one out
     python -m bench.run_all --render-only   # re-render from the JSON files already there
 
@@ -24,9 +25,10 @@ from typing import Any
 from bench.attack_replay import table as attack_table
 from bench.common import RESULTS, machine
 from bench.plots import FIGURES
+from bench.taxonomy_suite import readme_rows as taxonomy_rows
 
 BENCHMARKS = ("pipeline", "plc", "swap", "retrain_load", "query_load", "login_attack", "attack_replay", "analytics",
-              "elpv", "elpv_pooled", "elpv_svm", "learning_curve", "active_learning")
+              "elpv", "elpv_pooled", "elpv_svm", "learning_curve", "active_learning", "taxonomy_suite")
 COMMANDS = {"elpv_pooled": ["bench.elpv", "--recipe", "configs/recipes/elpv-pooled-300.yaml",
                             "--out", str(RESULTS / "elpv_pooled.json")]}
 """Benchmarks that are another one run with other arguments; the rest are ``python -m bench.<name>``."""
@@ -139,6 +141,8 @@ def rows() -> list[tuple[str, str, str, str]]:
         out += [("active_learning", f"labels to reach {p['target']} (median of seeds), {order} order",
                  str(p["summary"][order]["labels_to_target_median"]), "active < random")
                 for order in ("random", "active")]
+    if p := load("taxonomy_suite"):
+        out += taxonomy_rows(p)
     return out
 
 
