@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from appliance.cli import app
@@ -32,8 +31,8 @@ from appliance.training.candidates import (
 from appliance.training.recipe import TrainRecipe
 from appliance.training.search import OutOfBudget, _Watch, search_and_train
 from appliance.training.search_cost import CostModel, calibrate
+from tests.drawn_parts import draw_part
 
-SIDE = 72
 PER_CLASS = 24
 HEADS = [HeadSpec(name="defect_type", classes=["none", "scratch", "spot"]),
          HeadSpec(name="severity", classes=["minor", "major"], ordinal=True)]
@@ -55,20 +54,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _draw(kind: str, major: bool, rng: np.random.Generator) -> Image.Image:
-    base = rng.normal(90, 12, (SIDE, SIDE)).clip(0, 255).astype(np.uint8)
-    im = Image.fromarray(base, mode="L")
-    draw = ImageDraw.Draw(im)
-    colour = 250 if major else 150
-    cx, cy = (int(v) for v in rng.integers(22, SIDE - 22, size=2))
-    if kind == "scratch":
-        half = 24 if major else 10
-        draw.line([(cx - half, cy - half // 3), (cx + half, cy + half // 3)], fill=colour, width=3)
-    elif kind == "spot":
-        r = 12 if major else 5
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    return im
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -79,7 +64,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for kind in HEADS[0].classes:
         for i in range(PER_CLASS):
             path = root / "img" / f"{kind}_{i:03d}.png"
-            _draw(kind, i % 2 == 1, rng).save(path)
+            draw_part(kind, i % 2 == 1, rng).save(path)
             labels = {"defect_type": kind}
             if kind != "none":
                 labels["severity"] = "major" if i % 2 else "minor"

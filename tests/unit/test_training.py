@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from appliance.config import DispositionConfig
 from appliance.dataset import HeadSpec, Sample, write_dataset
@@ -32,8 +32,8 @@ from appliance.training.metrics import (
 from appliance.training.predict import predict_images
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
+from tests.drawn_parts import SIDE, draw_part
 
-SIDE = 72
 PER_CLASS = 32
 HEADS = [
     HeadSpec(name="defect_type", classes=["none", "scratch", "spot"]),
@@ -42,21 +42,6 @@ HEADS = [
 TINY = TrainRecipe(image_size=64, frozen_blocks=12, epochs=8, patience=8, min_steps=1, batch_size=16, lr=3e-3,
                    val_fraction=0.2, flip_horizontal=True, flip_vertical=False)
 
-
-def _draw(kind: str, major: bool, rng: np.random.Generator) -> Image.Image:
-    """Noisy grey background; a line (scratch) or a disc (spot), big and bright when major."""
-    base = rng.normal(90, 12, (SIDE, SIDE)).clip(0, 255).astype(np.uint8)
-    im = Image.fromarray(base, mode="L")
-    draw = ImageDraw.Draw(im)
-    colour = 250 if major else 150
-    cx, cy = (int(v) for v in rng.integers(22, SIDE - 22, size=2))
-    if kind == "scratch":
-        half = 24 if major else 10
-        draw.line([(cx - half, cy - half // 3), (cx + half, cy + half // 3)], fill=colour, width=3)
-    elif kind == "spot":
-        r = 12 if major else 5
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    return im
 
 
 def _rows(dataset: Path) -> list[dict[str, str]]:
@@ -74,7 +59,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(PER_CLASS):
             major = i % 2 == 1
             path = root / "img" / f"{kind}_{i:03d}.png"
-            _draw(kind, major, rng).save(path)
+            draw_part(kind, major, rng).save(path)
             # A flawless part has no severity: that head's label is unknown (masked in the loss).
             labels = {"defect_type": kind}
             if kind != "none":
