@@ -17,7 +17,8 @@ from appliance.training.features import View, inference_views
 from appliance.training.network import ExportNet, build
 from appliance.training.recipe import TrainRecipe
 from appliance.training.train import train_model
-from tests.unit.test_training import HEADS, TINY, _draw  # the synthetic parts of the training tests
+from tests.drawn_parts import draw_part
+from tests.unit.test_training import HEADS, TINY
 
 ALL_FLIPS = [(False, False), (True, False), (False, True), (True, True)]
 
@@ -60,7 +61,7 @@ def test_a_trained_package_averages_its_flips(tmp_path: Path) -> None:
     for kind in HEADS[0].classes:
         for i in range(12):
             path = tmp_path / "data" / "img" / f"{kind}{i}.png"
-            _draw(kind, True, rng).save(path)
+            draw_part(kind, True, rng).save(path)
             samples.append(Sample(image=path, labels={"defect_type": kind}))
     write_dataset(tmp_path / "data", HEADS[:1], samples, name="flips")
     recipe = TINY.model_copy(update={"inference_flips": True, "epochs": 2, "patience": 2})

@@ -15,7 +15,8 @@ from appliance.training.calibration import prior_shift
 from appliance.training.export import export_onnx
 from appliance.training.network import ExportNet, build
 from appliance.training.train import train_model
-from tests.unit.test_training import TINY, _draw  # the synthetic parts of the training tests
+from tests.drawn_parts import draw_part
+from tests.unit.test_training import TINY
 
 
 def test_no_line_frequencies_no_shift() -> None:
@@ -68,7 +69,7 @@ def test_training_records_the_shift(tmp_path: Path) -> None:
     for kind in ("none", "scratch"):
         for i in range(16):
             path = tmp_path / "img" / f"{kind}{i}.png"
-            _draw(kind, True, rng).save(path)
+            draw_part(kind, True, rng).save(path)
             samples.append(Sample(path, {"defect": kind}, "train"))
     head = HeadSpec(name="defect", classes=["none", "scratch"], line_frequencies={"none": 95, "scratch": 5})
     write_dataset(tmp_path, [head], samples)
