@@ -25,7 +25,6 @@ import io
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +41,15 @@ from appliance.logs import setup_logging
 from appliance.plc.opcua_security import GENERATED_USER
 from bench.attacker import HOST, make_identity
 from bench.attacks import ATTACKS, PASSWORDS, STRANGER, USERS, Replay
-from bench.common import bench_line, line_and_model, line_arguments, machine, write_result
-from bench.login_attack import free_port
+from bench.common import (
+    bench_line,
+    free_port,
+    line_and_model,
+    line_arguments,
+    machine,
+    serve_dashboard,
+    write_result,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,25 +66,6 @@ def daemon_log() -> Iterator[io.StringIO]:
         yield buffer
     finally:
         handler.setStream(sys.stderr)
-
-
-@contextmanager
-def dashboard(api_url: str, log_path: Path) -> Iterator[str]:
-    """``streamlit run dashboard/serve.py`` (the dashboard with its headers) on a free port."""
-    port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "serve.py"), "--server.headless",
-             "true", "--server.port", str(port), "--server.address", HOST, "--browser.gatherUsageStats", "false"],
-            env={**os.environ, "APPLIANCE_API_URL": api_url}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            yield f"http://{HOST}:{port}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 async def replay(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +93,7 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
             for role, user in USERS.items():
                 await asyncio.to_thread(daemon.users.set, user, role, PASSWORDS[role])
             api_url = f"http://{HOST}:{daemon.api_port}"
-            with dashboard(api_url, Path(tmp) / "streamlit.log") as dashboard_url:
+            with serve_dashboard(api_url, Path(tmp) / "streamlit.log") as dashboard_url:
                 r = Replay(daemon, ua_port, mb_port, plc, clients, log, dashboard_url)
                 for run in ATTACKS:
                     await run(r)

@@ -7,15 +7,22 @@ import contextlib
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from appliance.config import AppConfig, load_config
 from appliance.registry import ModelRegistry
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def line_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,3 +84,41 @@ def write_result(name: str, report: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_dashboard(api_url: str, log_path: Path) -> Iterator[str]:
+    """``streamlit run dashboard/serve.py`` (the pages with their security headers) against ``api_url``
+    on a free port; yields its URL once it answers, stops it after."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "serve.py"), "--server.headless",
+             "true", "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats",
+             "false"], env={**os.environ, "APPLIANCE_API_URL": api_url}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok":
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start; see {log_path}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -41,16 +41,11 @@ import httpx
 
 from appliance.daemon import Daemon
 from appliance.result import PartResult
-from bench.common import bench_line, line_and_model, line_arguments, machine, percentiles, write_result
+from bench.common import bench_line, free_port, line_and_model, line_arguments, machine, percentiles, write_result
 
 OPCUA_USER, OPCUA_PASSWORD = "bench-plc", "bench-plc-password-0123"
 CLIENT_URI = "urn:defect-appliance:bench-attacker"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def api_attacker(url: str, seconds: float, sequential: int, parallel: int, guess_passwords: bool = True

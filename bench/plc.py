@@ -30,17 +30,12 @@ import duckdb
 import httpx
 from ruamel.yaml import YAML
 
-from bench.common import line_and_model, line_arguments, machine, percentiles, write_result
+from bench.common import free_port, line_and_model, line_arguments, machine, percentiles, write_result
 
 MV_URI = "http://opcfoundation.org/UA/MachineVision"
 USER, PASSWORD = "bench", "bench-password-0123"
 SEQ_REGISTER = 10  # result_sequence, uint32 high word first (configs/modbus_map.yaml)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def opcua_listener(url: str, pki: str, out: str, ready: Any, stop: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from PIL import Image
 from ruamel.yaml import YAML
 
 from appliance.config import AppConfig, load_config
+from bench.common import free_port  # noqa: F401 - the tests take it from here
 from tests.brightness_model import GRADES, brightness_for, make_brightness_model
 
 DISPOSITION = {
@@ -26,11 +26,6 @@ DISPOSITION = {
     ],
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_yaml(path: Path, data: Any) -> Path:

@@ -3,18 +3,11 @@ screenshot tool share.  Never downloads a browser (scripts/system-deps.sh instal
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tests.conftest import free_port
+from bench.common import serve_dashboard  # noqa: F401 - the browser tests start it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,36 +25,6 @@ document.addEventListener('securitypolicyviolation',
 def launch(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
 
-
-@contextlib.contextmanager
-def serve_dashboard(api_url: str, log_path: Path) -> Iterator[str]:
-    """``streamlit run dashboard/serve.py`` (the pages with their security headers) against ``api_url``
-    on a free port; yields its URL once it answers, stops it after."""
-    port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "serve.py"), "--server.headless",
-             "true", "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats",
-             "false"], env={**os.environ, "APPLIANCE_API_URL": api_url}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/_stcore/health", timeout=2).text == "ok":
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"streamlit did not start; see {log_path}")
-                time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def settle(page: Any) -> None:
